@@ -1,0 +1,74 @@
+"""Isolation backends: where a step runs, behind one small interface.
+
+A backend is a pool of *units* of one kind (isolated subinterpreters, spawned processes). The
+runner hands it a step as request bytes (see :mod:`tether._step`) and gets outcome bytes back;
+it never branches on which backend it holds. Backends are chosen by name::
+
+    backend = create_backend("process", size=4, sys_path=sys.path, preload=["app.tasks"])
+    await backend.start()
+    outcome = await backend.run(request, spec)
+
+Contract every backend keeps:
+
+* ``run`` never raises for anything a step does: a user error, a timeout (``spec.timeout``), a
+  crashed unit all come back as an error outcome, with ``retryable`` set as documented below.
+* ``run`` is cancellable (anyio cancellation): a process unit is killed; a subinterpreter
+  cannot be stopped from outside, so its unit is abandoned (taken out of the pool, destroyed
+  when the step ends) and counted in :attr:`Backend.abandoned`.
+* Nothing here runs user code on the calling thread: the event loop that calls ``run`` stays
+  free, which is what keeps heartbeats on time.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import ClassVar
+
+from ...app import FunctionSpec
+
+__all__ = ["BACKENDS", "Backend", "create_backend"]
+
+
+class Backend(ABC):
+    """A pool of isolation units of one kind."""
+
+    name: ClassVar[str]
+
+    def __init__(self, *, size: int, sys_path: Sequence[str], preload: Sequence[str]) -> None:
+        self.size = size
+        self.sys_path = list(sys_path)
+        self.preload = list(preload)
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Start the pool's units, importing ``preload`` in each; IsolationError if one fails."""
+
+    @abstractmethod
+    async def run(self, request: bytes, spec: FunctionSpec) -> bytes:
+        """Run one step in a unit and return its outcome bytes (never raises for the step)."""
+
+    @abstractmethod
+    async def aclose(self) -> None:
+        """Stop every unit; steps still running in subinterpreters are abandoned."""
+
+    @property
+    def abandoned(self) -> int:
+        """Units taken out of the pool while their step still runs (subinterpreters only)."""
+        return 0
+
+
+BACKENDS: dict[str, str] = {
+    "process": "tether.runner.isolation.process:ProcessBackend",
+    "subinterpreter": "tether.runner.isolation.subinterpreter:SubinterpreterBackend",
+}
+
+
+def create_backend(
+    name: str, *, size: int, sys_path: Sequence[str], preload: Sequence[str]
+) -> Backend:
+    import importlib
+
+    module, _, cls = BACKENDS[name].partition(":")
+    backend_cls: type[Backend] = getattr(importlib.import_module(module), cls)
+    return backend_cls(size=size, sys_path=sys_path, preload=preload)
