@@ -1,0 +1,191 @@
+"""JSON codec for protocol messages, with explicit size limits.
+
+:func:`encode` turns a message into the bytes of one frame; :func:`decode` turns the bytes (or
+text) of one frame into a typed message, checking every field against the message's
+annotations. Anything else, whatever the bytes, raises :class:`~tether.exceptions.ProtocolError`
+with the WebSocket close code to send: never another exception.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import types
+import typing
+from collections.abc import Callable
+from typing import Any
+
+from ..exceptions import ProtocolError
+from .messages import MESSAGE_TYPES, Message
+
+__all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "CloseCode", "decode", "encode"]
+
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+class CloseCode(enum.IntEnum):
+    """WebSocket close codes (RFC 6455 §7.4.1, and 4000-4999 for our own)."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    PROTOCOL_ERROR = 1002
+    UNSUPPORTED_DATA = 1003
+    INVALID_PAYLOAD = 1007
+    POLICY_VIOLATION = 1008
+    MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
+    SERVICE_RESTART = 1012
+    HANDSHAKE_TIMEOUT = 4001
+    HEARTBEAT_TIMEOUT = 4002
+    VERSION_MISMATCH = 4003
+    SUPERSEDED = 4004  # the same runner id connected again
+    SLOW_CONSUMER = 4005  # our outgoing queue to the peer overflowed
+
+
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def encode(message: Message) -> bytes:
+    """The frame for ``message``. ValueError/TypeError if a payload value is not JSON."""
+    body = _plain(message)
+    body["type"] = message.type
+    return _ENCODER.encode(body).encode()
+
+
+def decode(data: bytes | str, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
+    """The message in one frame, or :class:`ProtocolError` naming what is wrong with it."""
+    if len(data) > max_bytes:
+        raise ProtocolError(
+            CloseCode.MESSAGE_TOO_BIG, f"message of {len(data)} bytes exceeds {max_bytes}"
+        )
+    try:
+        obj = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ProtocolError(CloseCode.INVALID_PAYLOAD, f"frame is not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(CloseCode.PROTOCOL_ERROR, "frame is not a JSON object")
+    kind = obj.pop("type", None)
+    cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise ProtocolError(CloseCode.PROTOCOL_ERROR, f"unknown message type {kind!r}")
+    return _BUILDERS[cls](obj, kind)  # type: ignore[no-any-return]
+
+
+# Field validation, compiled once per class from its annotations.
+
+Check = Callable[[Any, str], Any]
+
+
+def _fail(where: str, expected: str, value: Any) -> ProtocolError:
+    shown = repr(value)
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    return ProtocolError(CloseCode.PROTOCOL_ERROR, f"{where} must be {expected}, got {shown}")
+
+
+def _scalar(tp: type, expected: str) -> Check:
+    def check(value: Any, where: str) -> Any:
+        # bool is an int in Python but not in our schema
+        if type(value) is bool and tp is not bool:
+            raise _fail(where, expected, value)
+        if tp is float and type(value) is int:
+            return float(value)
+        if not isinstance(value, tp):
+            raise _fail(where, expected, value)
+        return value
+
+    return check
+
+
+_EXPECTED = {str: "a string", int: "an integer", float: "a number", bool: "a boolean"}
+
+
+def _any(value: Any, where: str) -> Any:
+    return value
+
+
+def _compile(tp: Any) -> Check:
+    if tp is Any:
+        return _any
+    if tp in (str, int, float, bool):
+        return _scalar(tp, _EXPECTED[tp])
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        assert len(inner) == 1, tp
+        check_inner = _compile(inner[0])
+
+        def optional(value: Any, where: str) -> Any:
+            return None if value is None else check_inner(value, where)
+
+        return optional
+    if origin is tuple:
+        check_item = _compile(args[0])
+
+        def sequence(value: Any, where: str) -> Any:
+            if not isinstance(value, list):
+                raise _fail(where, "a list", value)
+            return tuple(check_item(v, f"{where}[{i}]") for i, v in enumerate(value))
+
+        return sequence
+    if origin is list:
+
+        def array(value: Any, where: str) -> Any:
+            if not isinstance(value, list):
+                raise _fail(where, "a list", value)
+            return value
+
+        return array
+    if origin is dict:
+
+        def mapping(value: Any, where: str) -> Any:
+            if not isinstance(value, dict):
+                raise _fail(where, "an object", value)
+            return value
+
+        return mapping
+    if dataclasses.is_dataclass(tp):
+        build = _builder(tp)
+
+        def nested(value: Any, where: str) -> Any:
+            if not isinstance(value, dict):
+                raise _fail(where, "an object", value)
+            return build(dict(value), where)
+
+        return nested
+    raise TypeError(f"no codec for {tp!r}")  # a programming error in messages.py
+
+
+def _builder(cls: type) -> Callable[[dict[str, Any], str], Any]:
+    hints = typing.get_type_hints(cls)
+    fields = []
+    for f in dataclasses.fields(cls):
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        fields.append((f.name, _compile(hints[f.name]), required))
+
+    def build(obj: dict[str, Any], where: str) -> Any:
+        values = {}
+        for name, check, required in fields:
+            if name in obj:
+                values[name] = check(obj[name], f"{where}.{name}")
+            elif required:
+                raise ProtocolError(CloseCode.PROTOCOL_ERROR, f"{where}: missing field {name!r}")
+        # Unknown fields are ignored so that a newer peer can add optional fields.
+        return cls(**values)
+
+    return build
+
+
+_BUILDERS: dict[type, Callable[[dict[str, Any], str], Any]] = {
+    cls: _builder(cls) for cls in MESSAGE_TYPES.values()
+}

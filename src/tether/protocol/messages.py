@@ -1,0 +1,218 @@
+"""The messages of wire protocol version 1, as typed values.
+
+One message per WebSocket frame, a JSON object whose ``type`` names the message. Each class here
+is one row of DESIGN.md's table; :mod:`.codec` turns them into bytes and back, validating every
+field against the annotations below.
+
+This module never does I/O and imports no I/O library.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "SUBPROTOCOL",
+    "Ack",
+    "Cancel",
+    "Closing",
+    "Dispatch",
+    "Draining",
+    "ErrorInfo",
+    "Extend",
+    "Extended",
+    "FunctionInfo",
+    "Heartbeat",
+    "HeartbeatAck",
+    "Hello",
+    "LeaseLost",
+    "Message",
+    "RejectDispatch",
+    "Result",
+    "ResultAck",
+    "RunRef",
+    "Welcome",
+    "HUB_MESSAGES",
+    "RUNNER_MESSAGES",
+    "MESSAGE_TYPES",
+]
+
+PROTOCOL_VERSION = 1
+SUBPROTOCOL = "tether.v1"
+
+frozen = dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+
+
+@frozen
+class RunRef:
+    """One attempt of one run: the unit leases and results are fenced on."""
+
+    run_id: str
+    attempt: int
+
+
+@frozen
+class FunctionInfo:
+    """A function a runner serves, with its resolved options (isolation, concurrency, ...)."""
+
+    name: str
+    queue: str = "default"
+    concurrency: int | None = None
+    retries: int = 0
+    backoff: float = 1.0
+    timeout: float | None = None
+    isolation: str = "process"
+    reason: str = ""  # why this isolation was chosen (``auto``), shown in GET /v1/runners
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@frozen
+class ErrorInfo:
+    type: str
+    message: str
+    traceback: str = ""
+    retryable: bool = True
+
+
+@frozen
+class Message:
+    type: ClassVar[str]
+
+
+# runner -> hub
+
+
+@frozen
+class Hello(Message):
+    type: ClassVar[str] = "hello"
+    runner_id: str
+    version: int = PROTOCOL_VERSION
+    host: str
+    pid: int
+    slots: int
+    functions: tuple[FunctionInfo, ...]
+    in_flight: tuple[RunRef, ...] = ()  # runs still executing from a previous connection
+    draining: bool = False
+
+
+@frozen
+class Heartbeat(Message):
+    type: ClassVar[str] = "heartbeat"
+    seq: int
+    free_slots: int
+    in_flight: int
+
+
+@frozen
+class Ack(Message):
+    type: ClassVar[str] = "ack"
+    run_id: str
+    attempt: int
+
+
+@frozen
+class RejectDispatch(Message):
+    type: ClassVar[str] = "reject"
+    run_id: str
+    attempt: int
+    reason: str  # "no_slot" | "unknown_function" | "draining" | "busy"
+
+
+@frozen
+class Extend(Message):
+    type: ClassVar[str] = "extend"
+    runs: tuple[RunRef, ...]
+
+
+@frozen
+class Result(Message):
+    type: ClassVar[str] = "result"
+    run_id: str
+    attempt: int
+    ok: bool
+    value: Any = None
+    error: ErrorInfo | None = None
+    duration_ms: float = 0.0
+
+
+@frozen
+class Draining(Message):
+    type: ClassVar[str] = "draining"
+
+
+# hub -> runner
+
+
+@frozen
+class Welcome(Message):
+    type: ClassVar[str] = "welcome"
+    session_id: str
+    heartbeat_interval_ms: int
+    heartbeat_timeout_ms: int
+    lease_ms: int
+    extend_interval_ms: int
+    max_message_bytes: int
+
+
+@frozen
+class HeartbeatAck(Message):
+    type: ClassVar[str] = "heartbeat_ack"
+    seq: int
+
+
+@frozen
+class Dispatch(Message):
+    type: ClassVar[str] = "dispatch"
+    run_id: str
+    attempt: int
+    function: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+    lease_ms: int
+    timeout: float | None = None
+
+
+@frozen
+class Extended(Message):
+    type: ClassVar[str] = "extended"
+    runs: tuple[RunRef, ...]
+    lease_ms: int
+
+
+@frozen
+class LeaseLost(Message):
+    type: ClassVar[str] = "lease_lost"
+    run_id: str
+    attempt: int
+    reason: str
+
+
+@frozen
+class ResultAck(Message):
+    type: ClassVar[str] = "result_ack"
+    run_id: str
+    attempt: int
+
+
+@frozen
+class Cancel(Message):
+    type: ClassVar[str] = "cancel"
+    run_id: str
+    attempt: int
+
+
+@frozen
+class Closing(Message):
+    type: ClassVar[str] = "closing"
+    reason: str = ""
+
+
+RUNNER_MESSAGES: tuple[type[Message], ...] = (
+    Hello, Heartbeat, Ack, RejectDispatch, Extend, Result, Draining,
+)  # fmt: skip
+HUB_MESSAGES: tuple[type[Message], ...] = (
+    Welcome, HeartbeatAck, Dispatch, Extended, LeaseLost, ResultAck, Cancel, Closing,
+)  # fmt: skip
+MESSAGE_TYPES: dict[str, type[Message]] = {m.type: m for m in RUNNER_MESSAGES + HUB_MESSAGES}
