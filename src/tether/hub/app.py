@@ -1,0 +1,378 @@
+"""The hub as an ASGI application: the HTTP API and the runner WebSocket on one port.
+
+This module is the I/O driver around :class:`~.scheduler.Scheduler`: it parses and validates
+requests, turns them into scheduler calls, and pumps frames between a runner's socket and its
+:class:`~tether.protocol.HubConnection`. Every malformed request gets a 4xx naming the field;
+every misbehaving runner gets a close code naming its fault; neither affects anyone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import math
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from ..protocol import (
+    SUBPROTOCOL,
+    CloseCode,
+    Heartbeat,
+    Hello,
+    HubConnection,
+    ProtocolFailure,
+    Welcome,
+)
+from .scheduler import Scheduler, Session, SubmitRequest
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("tether.hub")
+
+MAX_WAIT_SECONDS = 300.0
+OUTBOX_FRAMES = 10_000  # frames queued to one runner before it counts as a slow consumer
+
+
+class BadRequest(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _authorized(header: str | None, tokens: tuple[str, ...]) -> bool:
+    if not tokens:
+        return True
+    if not header or not header.startswith("Bearer "):
+        return False
+    presented = header[len("Bearer ") :].encode()
+    # Compare against every token, always, in constant time per token.
+    matched = False
+    for token in tokens:
+        matched |= hmac.compare_digest(presented, token.encode())
+    return matched
+
+
+def create_app(
+    scheduler: Scheduler,
+    *,
+    producer_tokens: tuple[str, ...] = (),
+    runner_tokens: tuple[str, ...] = (),
+    lifespan: Callable[[], AsyncIterator[None]] | None = None,
+) -> Starlette:
+    timings = scheduler.timings
+    max_body = timings.max_message_bytes
+
+    def api(
+        handler: Callable[[Request], Awaitable[Response]],
+    ) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            if not _authorized(request.headers.get("authorization"), producer_tokens):
+                return _error(401, "missing or invalid bearer token")
+            try:
+                return await handler(request)
+            except BadRequest as exc:
+                return _error(exc.status, exc.message)
+
+        return endpoint
+
+    async def read_json(request: Request) -> Any:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > max_body:
+            raise BadRequest(413, f"request body of {length} bytes exceeds {max_body}")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_body:
+                raise BadRequest(413, f"request body exceeds {max_body} bytes")
+        try:
+            return json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise BadRequest(400, f"request body is not valid JSON: {exc}") from None
+
+    def parse_run(obj: Any, where: str) -> SubmitRequest:
+        if not isinstance(obj, dict):
+            raise BadRequest(400, f"{where} must be a JSON object")
+        allowed = {"function", "args", "kwargs", "queue", "idempotency_key", "delay"}
+        unknown = sorted(set(obj) - allowed)
+        if unknown:
+            raise BadRequest(400, f"{where}: unknown field {unknown[0]!r}")
+        function = obj.get("function")
+        if not isinstance(function, str) or not function:
+            raise BadRequest(400, f"{where}.function must be a non-empty string")
+        args = obj.get("args", [])
+        if not isinstance(args, list):
+            raise BadRequest(400, f"{where}.args must be a list")
+        kwargs = obj.get("kwargs", {})
+        if not isinstance(kwargs, dict):
+            raise BadRequest(400, f"{where}.kwargs must be an object")
+        queue = obj.get("queue")
+        if queue is not None and (not isinstance(queue, str) or not queue):
+            raise BadRequest(400, f"{where}.queue must be a non-empty string")
+        key = obj.get("idempotency_key")
+        if key is not None and (not isinstance(key, str) or not key or len(key) > 256):
+            raise BadRequest(400, f"{where}.idempotency_key must be a string of 1-256 chars")
+        delay = obj.get("delay", 0)
+        if isinstance(delay, bool) or not isinstance(delay, int | float):
+            raise BadRequest(400, f"{where}.delay must be a number of seconds")
+        if not math.isfinite(delay) or delay < 0:
+            raise BadRequest(400, f"{where}.delay must be a finite number >= 0, got {delay}")
+        if queue is None and scheduler.queue_of(function) is None:
+            raise BadRequest(
+                404,
+                f"{where}: unknown function {function!r}: no runner has registered it"
+                " (give a queue to submit it for runners not yet connected)",
+            )
+        return SubmitRequest(
+            function=function,
+            args=args,
+            kwargs=kwargs,
+            queue=queue,
+            idempotency_key=key,
+            delay=float(delay),
+        )
+
+    @api
+    async def submit(request: Request) -> Response:
+        run = parse_run(await read_json(request), "run")
+        [(record, created)] = await scheduler.submit([run])
+        return JSONResponse(
+            {"id": record.id, "state": record.state}, status_code=201 if created else 200
+        )
+
+    @api
+    async def submit_batch(request: Request) -> Response:
+        body = await read_json(request)
+        if not isinstance(body, dict) or not isinstance(body.get("runs"), list):
+            raise BadRequest(400, "body must be an object with a list 'runs'")
+        runs = [parse_run(obj, f"runs[{i}]") for i, obj in enumerate(body["runs"])]
+        stored = await scheduler.submit(runs)
+        return JSONResponse({"ids": [record.id for record, _ in stored]}, status_code=201)
+
+    async def found(run_id: str, record: Any) -> Response:
+        if record is None:
+            return _error(404, f"no run with id {run_id!r}")
+        return JSONResponse(record.public())
+
+    @api
+    async def get_run(request: Request) -> Response:
+        run_id = request.path_params["run_id"]
+        return await found(run_id, await scheduler.get(run_id))
+
+    @api
+    async def wait_run(request: Request) -> Response:
+        run_id = request.path_params["run_id"]
+        raw = request.query_params.get("timeout", "30")
+        try:
+            timeout = float(raw)
+        except ValueError:
+            raise BadRequest(400, f"timeout must be a number of seconds, got {raw!r}") from None
+        if not math.isfinite(timeout) or timeout < 0:
+            raise BadRequest(400, f"timeout must be a finite number >= 0, got {raw!r}")
+        record = await scheduler.wait(run_id, min(timeout, MAX_WAIT_SECONDS))
+        return await found(run_id, record)
+
+    @api
+    async def cancel_run(request: Request) -> Response:
+        run_id = request.path_params["run_id"]
+        return await found(run_id, await scheduler.cancel(run_id))
+
+    @api
+    async def runners(request: Request) -> Response:
+        return JSONResponse({"runners": scheduler.runner_views()})
+
+    @api
+    async def functions(request: Request) -> Response:
+        return JSONResponse({"functions": scheduler.functions})
+
+    @api
+    async def status(request: Request) -> Response:
+        counts = await scheduler.storage.call(scheduler.store.count_by_state)
+        return JSONResponse(
+            {
+                "runners": scheduler.runner_views(),
+                "functions": scheduler.functions,
+                "queues": scheduler.queue_depths(),
+                "runs": counts,
+            }
+        )
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def connect(websocket: WebSocket) -> None:
+        await _serve_runner(websocket, scheduler, runner_tokens)
+
+    @asynccontextmanager
+    async def app_lifespan(app: Starlette) -> AsyncIterator[None]:
+        if lifespan is None:
+            yield
+        else:
+            async with asynccontextmanager(lifespan)():
+                yield
+
+    return Starlette(
+        routes=[
+            Route("/v1/runs", submit, methods=["POST"]),
+            Route("/v1/runs/batch", submit_batch, methods=["POST"]),
+            Route("/v1/runs/{run_id}", get_run, methods=["GET"]),
+            Route("/v1/runs/{run_id}/wait", wait_run, methods=["GET"]),
+            Route("/v1/runs/{run_id}/cancel", cancel_run, methods=["POST"]),
+            Route("/v1/runners", runners, methods=["GET"]),
+            Route("/v1/functions", functions, methods=["GET"]),
+            Route("/v1/status", status, methods=["GET"]),
+            Route("/healthz", healthz, methods=["GET"]),
+            WebSocketRoute("/v1/connect", connect),
+        ],
+        lifespan=app_lifespan,
+    )
+
+
+class _Link:
+    """The outgoing side of one runner's socket: a bounded queue and one writer task."""
+
+    def __init__(self, websocket: WebSocket) -> None:
+        self.websocket = websocket
+        self.frames: asyncio.Queue[bytes | None] = asyncio.Queue(OUTBOX_FRAMES)
+        self.close_code: int = CloseCode.NORMAL
+        self.close_reason = ""
+
+    def send(self, frame: bytes) -> bool:
+        try:
+            self.frames.put_nowait(frame)
+        except asyncio.QueueFull:
+            return False
+        return True
+
+    def close(self, code: int, reason: str) -> None:
+        self.close_code, self.close_reason = code, reason
+        while True:  # make room for the sentinel: nothing queued matters once we close
+            try:
+                self.frames.put_nowait(None)
+                return
+            except asyncio.QueueFull:
+                self.frames.get_nowait()
+
+    async def write(self) -> None:
+        while (frame := await self.frames.get()) is not None:
+            await self.websocket.send_bytes(frame)
+        await self.websocket.close(self.close_code, self.close_reason[:120])
+
+
+async def _receive(websocket: WebSocket) -> bytes | str | None:
+    message = await websocket.receive()
+    if message["type"] == "websocket.disconnect":
+        return None
+    data: bytes | str | None = message.get("bytes")
+    if data is None:
+        data = message.get("text", "")
+    return data
+
+
+async def _serve_runner(
+    websocket: WebSocket, scheduler: Scheduler, tokens: tuple[str, ...]
+) -> None:
+    timings = scheduler.timings
+    peer = f"{websocket.client.host}:{websocket.client.port}" if websocket.client else "?"
+    if not _authorized(websocket.headers.get("authorization"), tokens):
+        log.warning("refusing runner connection from %s: missing or invalid token", peer)
+        await websocket.close(CloseCode.POLICY_VIOLATION)
+        return
+    if SUBPROTOCOL not in websocket.scope.get("subprotocols", []):
+        log.warning("refusing connection from %s: subprotocol %s not offered", peer, SUBPROTOCOL)
+        await websocket.close(CloseCode.PROTOCOL_ERROR)
+        return
+    await websocket.accept(subprotocol=SUBPROTOCOL)
+    conn = HubConnection(
+        heartbeat_interval_ms=int(timings.heartbeat_interval * 1000),
+        heartbeat_timeout_ms=int(timings.heartbeat_timeout * 1000),
+        max_message_bytes=timings.max_message_bytes,
+    )
+
+    async def fail(code: int, reason: str) -> None:
+        log.warning("closing runner connection from %s: %s (code %d)", peer, reason, code)
+        try:
+            await websocket.close(code, reason[:120])
+        except (RuntimeError, WebSocketDisconnect, OSError):
+            pass
+
+    try:
+        async with asyncio.timeout(timings.handshake_timeout):
+            data = await _receive(websocket)
+    except TimeoutError:
+        await fail(CloseCode.HANDSHAKE_TIMEOUT, "no hello within the handshake timeout")
+        return
+    except WebSocketDisconnect:
+        return
+    if data is None:
+        return
+    event = conn.receive(data, time.monotonic())
+    if isinstance(event, ProtocolFailure):
+        await fail(event.code, event.reason)
+        return
+    assert isinstance(event, Hello)
+    link = _Link(websocket)
+    session = Session(
+        conn,
+        session_id=secrets.token_hex(8),
+        send=link.send,
+        close=link.close,
+        peer=peer,
+    )
+    welcome = Welcome(
+        session_id=session.session_id,
+        heartbeat_interval_ms=int(timings.heartbeat_interval * 1000),
+        heartbeat_timeout_ms=int(timings.heartbeat_timeout * 1000),
+        lease_ms=int(timings.lease * 1000),
+        extend_interval_ms=int(timings.extend_interval * 1000),
+        max_message_bytes=timings.max_message_bytes,
+    )
+    await websocket.send_bytes(conn.accept(welcome, time.monotonic()))
+    scheduler.attach(session)
+    writer = asyncio.get_running_loop().create_task(link.write())
+    try:
+        while not session.closed:
+            data = await _receive(websocket)
+            if data is None:
+                break
+            event = conn.receive(data, time.monotonic())
+            if isinstance(event, ProtocolFailure):
+                log.warning(
+                    "runner %s from %s broke the protocol: %s (code %d)",
+                    session.runner_id,
+                    peer,
+                    event.reason,
+                    event.code,
+                )
+                session.close(event.code, event.reason)
+                break
+            if isinstance(event, Heartbeat):
+                link.send(conn.ack_heartbeat(event))
+            else:
+                scheduler.on_message(session, event)
+    except (WebSocketDisconnect, OSError):
+        pass
+    finally:
+        scheduler.detach(session)
+        if not session.closed:
+            session.closed = True
+            writer.cancel()
+        try:
+            await asyncio.wait_for(writer, timeout=1.0)
+        except (asyncio.CancelledError, TimeoutError, RuntimeError, WebSocketDisconnect, OSError):
+            pass

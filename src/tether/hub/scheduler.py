@@ -1,0 +1,634 @@
+"""The hub's coordinator: matches queued runs to runners, holds leases, decides retries.
+
+Coordination state lives here, in memory, on the event loop: ready queues per (queue,
+function), delayed runs, connected runner sessions, leases, waiters. The store is the durable
+record it is rebuilt from (:meth:`Scheduler.recover`). Every change of a run's state is written
+to the store *before* anyone is told about it: a dispatch is sent after the run is marked
+running, a ``result_ack`` after the outcome is stored, an API answer after the run is inserted.
+
+Nothing here touches a socket: sessions are given a ``send`` callable that queues a frame
+without blocking and a ``close`` callable; the WebSocket endpoint (:mod:`.app`) owns the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import heapq
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ..protocol import (
+    Ack,
+    Cancel,
+    CloseCode,
+    Dispatch,
+    Draining,
+    Extend,
+    Extended,
+    FunctionInfo,
+    HubConnection,
+    LeaseLost,
+    LeaseTable,
+    Message,
+    RejectDispatch,
+    Result,
+    ResultAck,
+    RunRef,
+    encode,
+)
+from .storage import StoreThread
+from .store import NewRun, RunRecord, new_run_id
+
+__all__ = ["HubTimings", "Scheduler", "Session", "SubmitRequest"]
+
+log = logging.getLogger("tether.hub")
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class HubTimings:
+    """The intervals the hub announces in ``welcome``; runners never hard-code them."""
+
+    heartbeat_interval: float = 1.0
+    heartbeat_timeout: float = 5.0
+    lease: float = 30.0
+    handshake_timeout: float = 10.0
+    max_message_bytes: int = 16 * 1024 * 1024
+    max_deliveries: int = 10  # a run whose runner was lost this many times fails
+
+    @property
+    def extend_interval(self) -> float:
+        return self.lease / 3
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class SubmitRequest:
+    function: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+    queue: str | None = None
+    idempotency_key: str | None = None
+    delay: float = 0.0
+
+
+@dataclasses.dataclass(slots=True, kw_only=True)
+class _Run:
+    """An unfinished run, as the scheduler tracks it."""
+
+    id: str
+    function: str
+    queue: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+    attempt: int
+    not_before: float  # wall clock
+    failures: int = 0  # attempts that ended in a retryable error
+    losses: int = 0  # attempts whose runner was lost
+
+    @classmethod
+    def from_record(cls, record: RunRecord) -> _Run:
+        failures = sum(1 for e in record.errors if e.get("type") != "tether.RunnerLost")
+        return cls(
+            id=record.id,
+            function=record.function,
+            queue=record.queue,
+            args=record.args,
+            kwargs=record.kwargs,
+            attempt=record.attempt,
+            not_before=record.not_before,
+            failures=failures,
+            losses=len(record.errors) - failures,
+        )
+
+
+class Session:
+    """One connected runner, as the scheduler sees it."""
+
+    def __init__(
+        self,
+        conn: HubConnection,
+        *,
+        session_id: str,
+        send: Callable[[bytes], bool],
+        close: Callable[[int, str], None],
+        peer: str = "",
+    ) -> None:
+        assert conn.hello is not None
+        self.conn = conn
+        self.hello = conn.hello
+        self.runner_id = conn.hello.runner_id
+        self.session_id = session_id
+        self.peer = peer
+        self._send = send
+        self._close = close
+        self.functions: dict[str, FunctionInfo] = {f.name: f for f in conn.hello.functions}
+        self.in_flight: dict[str, int] = {}  # run id -> attempt
+        self.running: collections.Counter[str] = collections.Counter()  # by function
+        self.draining = conn.hello.draining
+        self.connected_at = time.time()
+        self.closed = False
+
+    @property
+    def slots(self) -> int:
+        return self.hello.slots
+
+    @property
+    def free_slots(self) -> int:
+        return max(0, self.slots - len(self.in_flight))
+
+    def can_take(self, function: str) -> bool:
+        if self.closed or self.draining or len(self.in_flight) >= self.slots:
+            return False
+        limit = self.functions[function].concurrency
+        return limit is None or self.running[function] < limit
+
+    def send(self, message: Message) -> None:
+        if self.closed:
+            return
+        if not self._send(encode(message)):
+            self.close(CloseCode.SLOW_CONSUMER, "runner is not reading its frames")
+
+    def close(self, code: int, reason: str) -> None:
+        if not self.closed:
+            self.closed = True
+            self._close(code, reason)
+
+    def take(self, run_id: str, attempt: int, function: str) -> None:
+        self.in_flight[run_id] = attempt
+        self.running[function] += 1
+
+    def release(self, run_id: str, function: str) -> None:
+        if self.in_flight.pop(run_id, None) is not None:
+            self.running[function] -= 1
+
+
+class Scheduler:
+    def __init__(self, storage: StoreThread, timings: HubTimings | None = None) -> None:
+        self.storage = storage
+        self.store = storage.store
+        self.timings = timings or HubTimings()
+        self.runs: dict[str, _Run] = {}
+        self._ready: dict[tuple[str, str], collections.deque[str]] = {}
+        self._delayed: list[tuple[float, str]] = []
+        self.sessions: dict[str, Session] = {}  # by runner id
+        self._serving: dict[str, set[str]] = collections.defaultdict(set)  # function -> runners
+        self.functions: dict[str, dict[str, Any]] = {}  # every function ever registered
+        self.leases = LeaseTable()
+        self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.counters: collections.Counter[str] = collections.Counter()
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    async def recover(self) -> None:
+        """Rebuild memory from the store: queued runs wait again, running runs keep a lease
+        long enough for their runner to reconnect and claim (or finish) them."""
+        self.functions = await self.storage.call(self.store.known_functions)
+        records = await self.storage.call(self.store.unfinished)
+        grace = time.monotonic() + self.timings.heartbeat_timeout * 2
+        for record in records:
+            run = _Run.from_record(record)
+            self.runs[run.id] = run
+            if record.state == "running" and record.runner_id is not None:
+                ref = RunRef(run_id=run.id, attempt=run.attempt)
+                self.leases.grant(ref, record.runner_id, grace)
+            else:
+                self._enqueue(run)
+        if records:
+            log.info("recovered %d unfinished runs from the store", len(records))
+
+    async def serve(self) -> None:
+        """Dispatch and keep time until cancelled."""
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._dispatch_loop())
+            tg.create_task(self._clock_loop())
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("hub task failed", exc_info=task.exception())
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # -- producers ----------------------------------------------------------------------------
+
+    def queue_of(self, function: str) -> str | None:
+        """The queue a function's runners registered it on; None if never registered."""
+        info = self.functions.get(function)
+        return None if info is None else str(info.get("queue", "default"))
+
+    async def submit(self, requests: Sequence[SubmitRequest]) -> list[tuple[RunRecord, bool]]:
+        now = time.time()
+        new = [
+            NewRun(
+                id=new_run_id(),
+                function=r.function,
+                queue=r.queue or self.queue_of(r.function) or "default",
+                args=r.args,
+                kwargs=r.kwargs,
+                created_at=now,
+                not_before=now + r.delay,
+                idempotency_key=r.idempotency_key,
+            )
+            for r in requests
+        ]
+        stored = await self.storage.call(self.store.insert_runs, new)
+        for record, created in stored:
+            if created:
+                run = _Run.from_record(record)
+                self.runs[run.id] = run
+                self._enqueue(run)
+                self.counters["submitted"] += 1
+        self.wake()
+        return stored
+
+    async def get(self, run_id: str) -> RunRecord | None:
+        return await self.storage.call(self.store.get, run_id)
+
+    async def wait(self, run_id: str, timeout: float) -> RunRecord | None:
+        """The run once it is finished, or as it is when ``timeout`` passes."""
+        if run_id in self.runs and timeout > 0:
+            event = asyncio.Event()
+            self._waiters.setdefault(run_id, set()).add(event)
+            try:
+                async with asyncio.timeout(timeout):
+                    await event.wait()
+            except TimeoutError:
+                pass
+            finally:
+                waiters = self._waiters.get(run_id)
+                if waiters is not None:
+                    waiters.discard(event)
+                    if not waiters:
+                        del self._waiters[run_id]
+        return await self.get(run_id)
+
+    async def cancel(self, run_id: str) -> RunRecord | None:
+        record = await self.storage.call(self.store.cancel, run_id, time.time())
+        run = self.runs.pop(run_id, None)
+        if run is not None and record is not None and record.state == "cancelled":
+            lease = self.leases.release(run_id)
+            if lease is not None:
+                session = self.sessions.get(lease.holder)
+                if session is not None:
+                    session.release(run_id, run.function)
+                    session.send(Cancel(run_id=run_id, attempt=lease.ref.attempt))
+            else:
+                self._unqueue(run)
+            self.counters["cancelled"] += 1
+            self._finished(run_id)
+            self.wake()
+        return record
+
+    def _finished(self, run_id: str) -> None:
+        for event in self._waiters.pop(run_id, ()):
+            event.set()
+
+    # -- queues -------------------------------------------------------------------------------
+
+    def _enqueue(self, run: _Run) -> None:
+        if run.not_before > time.time():
+            heapq.heappush(self._delayed, (run.not_before, run.id))
+        else:
+            self._ready.setdefault((run.queue, run.function), collections.deque()).append(run.id)
+
+    def _unqueue(self, run: _Run) -> None:
+        ready = self._ready.get((run.queue, run.function))
+        if ready is not None:
+            try:
+                ready.remove(run.id)
+            except ValueError:
+                pass  # it was delayed: the heap entry is skipped when it comes due
+
+    def queue_depths(self) -> dict[str, int]:
+        depths: collections.Counter[str] = collections.Counter()
+        for (queue, _), ready in self._ready.items():
+            depths[queue] += len(ready)
+        return dict(depths)
+
+    def _pick(self, function: str, queue: str) -> Session | None:
+        best: Session | None = None
+        for runner_id in self._serving.get(function, ()):
+            session = self.sessions[runner_id]
+            if session.functions[function].queue != queue or not session.can_take(function):
+                continue
+            if best is None or session.free_slots > best.free_slots:
+                best = session
+        return best
+
+    def _assign(self) -> list[tuple[Session, _Run]]:
+        assignments: list[tuple[Session, _Run]] = []
+        expires = time.monotonic() + self.timings.lease
+        for (queue, function), ready in self._ready.items():
+            while ready:
+                session = self._pick(function, queue)
+                if session is None:
+                    break
+                run = self.runs.get(ready.popleft())
+                if run is None:  # cancelled while queued
+                    continue
+                run.attempt += 1
+                session.take(run.id, run.attempt, function)
+                self.leases.grant(RunRef(run_id=run.id, attempt=run.attempt), session.runner_id, expires)
+                assignments.append((session, run))
+        return assignments
+
+    async def _dispatch_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            assignments = self._assign()
+            if not assignments:
+                continue
+            now = time.time()
+            marks = [(run.id, run.attempt, session.runner_id, now) for session, run in assignments]
+            await self.storage.call(_mark_running_many, self.store, marks)
+            lease_ms = int(self.timings.lease * 1000)
+            for session, run in assignments:
+                # The lease may be gone already (cancelled while we were writing): skip it.
+                if self.leases.holds(RunRef(run_id=run.id, attempt=run.attempt), session.runner_id):
+                    timeout = session.functions[run.function].timeout
+                    session.send(
+                        Dispatch(
+                            run_id=run.id,
+                            attempt=run.attempt,
+                            function=run.function,
+                            args=run.args,
+                            kwargs=run.kwargs,
+                            lease_ms=lease_ms,
+                            timeout=timeout,
+                        )
+                    )
+                    self.counters["dispatched"] += 1
+
+    async def _clock_loop(self) -> None:
+        tick = min(0.05, self.timings.heartbeat_interval / 2)
+        while True:
+            await asyncio.sleep(tick)
+            self._tick(time.monotonic(), time.time())
+
+    def _tick(self, now: float, wall: float) -> None:
+        while self._delayed and self._delayed[0][0] <= wall:
+            _, run_id = heapq.heappop(self._delayed)
+            run = self.runs.get(run_id)
+            if run is not None and run_id not in self.leases:
+                self._ready.setdefault((run.queue, run.function), collections.deque()).append(
+                    run_id
+                )
+                self.wake()
+        for session in list(self.sessions.values()):
+            if session.conn.runner_silent(now):
+                log.warning(
+                    "runner %s missed heartbeats for %.1fs: declaring it dead",
+                    session.runner_id,
+                    self.timings.heartbeat_timeout,
+                )
+                self.counters["runners_lost"] += 1
+                session.close(CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout")
+                self.detach(session)
+                # It was silent for a whole timeout already: its runs go back now.
+                for lease in self.leases.held_by(session.runner_id):
+                    lease.expires_at = now
+        for lease in self.leases.expired(now):
+            self._spawn(self._lost(lease.ref, lease.holder, "lease expired"))
+
+    async def _lost(self, ref: RunRef, holder: str, why: str) -> None:
+        """``ref``'s runner stopped answering for it: queue the run again as a new attempt."""
+        lease = self.leases.get(ref.run_id)
+        if lease is None or lease.ref != ref:
+            return
+        self.leases.release(ref.run_id)
+        run = self.runs.get(ref.run_id)
+        session = self.sessions.get(holder)
+        if session is not None:
+            session.release(ref.run_id, run.function if run else "")
+            session.send(LeaseLost(run_id=ref.run_id, attempt=ref.attempt, reason=why))
+        if run is None:
+            return
+        run.losses += 1
+        error = {
+            "type": "tether.RunnerLost",
+            "message": f"runner {holder} lost attempt {ref.attempt}: {why}",
+            "traceback": "",
+        }
+        log.warning("run %s attempt %d: %s", run.id, ref.attempt, error["message"])
+        if run.losses >= self.timings.max_deliveries:
+            await self._fail(run, ref.attempt, error)
+            return
+        self.counters["requeued"] += 1
+        await self.storage.call(
+            self.store.requeue, run.id, ref.attempt, not_before=time.time(), error=error
+        )
+        run.not_before = time.time()
+        self._enqueue(run)
+        self.wake()
+
+    async def _fail(self, run: _Run, attempt: int, error: dict[str, Any]) -> None:
+        await self.storage.call(
+            self.store.finish, run.id, attempt, "failed", error=error, now=time.time()
+        )
+        self.runs.pop(run.id, None)
+        self.counters["failed"] += 1
+        self._finished(run.id)
+
+    # -- runners ------------------------------------------------------------------------------
+
+    def attach(self, session: Session) -> None:
+        """A runner finished its handshake."""
+        previous = self.sessions.get(session.runner_id)
+        if previous is not None:
+            previous.close(CloseCode.SUPERSEDED, "the same runner connected again")
+            self.detach(previous)
+        self.sessions[session.runner_id] = session
+        for name in session.functions:
+            self._serving[name].add(session.runner_id)
+        infos = {f.name: dataclasses.asdict(f) for f in session.hello.functions}
+        self.functions.update(infos)
+        self._spawn(self.storage.call(self.store.remember_functions, infos, time.time()))
+        # Runs still executing from a previous connection (or a previous hub): keep the
+        # leases this runner still holds, tell it which ones it lost.
+        expires = time.monotonic() + self.timings.lease
+        for ref in session.hello.in_flight:
+            run = self.runs.get(ref.run_id)
+            if run is not None and self.leases.holds(ref, session.runner_id):
+                self.leases.extend((ref,), session.runner_id, expires)
+                session.take(ref.run_id, ref.attempt, run.function)
+            else:
+                session.send(LeaseLost(run_id=ref.run_id, attempt=ref.attempt, reason="stale"))
+        self.counters["runners_connected"] += 1
+        log.info(
+            "runner %s connected from %s (pid %d, %d slots, %d functions)",
+            session.runner_id,
+            session.hello.host,
+            session.hello.pid,
+            session.slots,
+            len(session.functions),
+        )
+        self.wake()
+
+    def detach(self, session: Session) -> None:
+        """A runner's connection ended. Its leases stay for one heartbeat timeout, so a runner
+        that reconnects keeps its runs; one that does not comes back has them re-dispatched."""
+        if self.sessions.get(session.runner_id) is not session:
+            return
+        del self.sessions[session.runner_id]
+        for name in session.functions:
+            self._serving[name].discard(session.runner_id)
+        deadline = time.monotonic() + self.timings.heartbeat_timeout
+        for lease in self.leases.held_by(session.runner_id):
+            lease.expires_at = min(lease.expires_at, deadline)
+        log.info("runner %s disconnected", session.runner_id)
+
+    def on_message(self, session: Session, message: Message) -> None:
+        """Handle one message from a runner; never blocks (store work runs as a task)."""
+        if isinstance(message, Result):
+            self._spawn(self._on_result(session, message))
+        elif isinstance(message, Extend):
+            extended, lost = self.leases.extend(
+                message.runs, session.runner_id, time.monotonic() + self.timings.lease
+            )
+            if extended:
+                session.send(Extended(runs=tuple(extended), lease_ms=int(self.timings.lease * 1000)))
+            for ref in lost:
+                session.send(LeaseLost(run_id=ref.run_id, attempt=ref.attempt, reason="not held"))
+        elif isinstance(message, RejectDispatch):
+            self._spawn(self._on_reject(session, message))
+        elif isinstance(message, Draining):
+            session.draining = True
+            log.info("runner %s is draining", session.runner_id)
+        elif isinstance(message, Ack):
+            pass  # the lease was granted at dispatch; an ack only confirms the runner has it
+
+    async def _on_reject(self, session: Session, message: RejectDispatch) -> None:
+        ref = RunRef(run_id=message.run_id, attempt=message.attempt)
+        run = self.runs.get(message.run_id)
+        if run is None or not self.leases.holds(ref, session.runner_id):
+            return
+        self.leases.release(run.id)
+        session.release(run.id, run.function)
+        if message.reason == "draining":
+            session.draining = True
+        log.info("runner %s rejected run %s: %s", session.runner_id, run.id, message.reason)
+        await self.storage.call(
+            self.store.requeue, run.id, ref.attempt, not_before=time.time(), error=None
+        )
+        self._enqueue(run)
+        self.wake()
+
+    async def _on_result(self, session: Session, result: Result) -> None:
+        ref = RunRef(run_id=result.run_id, attempt=result.attempt)
+        run = self.runs.get(result.run_id)
+        if run is None or not self.leases.holds(ref):
+            # Fencing: not the current attempt (lost, re-dispatched, cancelled, or already
+            # stored). Acknowledge so the runner forgets it; record nothing.
+            log.info(
+                "ignoring result of run %s attempt %d from %s: not the current attempt",
+                result.run_id,
+                result.attempt,
+                session.runner_id,
+            )
+            self.counters["fenced"] += 1
+            session.send(ResultAck(run_id=result.run_id, attempt=result.attempt))
+            return
+        lease = self.leases.release(run.id)
+        assert lease is not None
+        holder = self.sessions.get(lease.holder)
+        if holder is not None:
+            holder.release(run.id, run.function)
+        now = time.time()
+        if result.ok:
+            await self.storage.call(
+                self.store.finish, run.id, ref.attempt, "succeeded", result=result.value, now=now
+            )
+            self.runs.pop(run.id, None)
+            self.counters["succeeded"] += 1
+            self._finished(run.id)
+        else:
+            assert result.error is not None
+            error = {
+                "type": result.error.type,
+                "message": result.error.message,
+                "traceback": result.error.traceback,
+            }
+            info = session.functions.get(run.function) or self.functions.get(run.function)
+            retries, backoff = _retry_policy(info)
+            if result.error.retryable and run.failures < retries:
+                run.failures += 1
+                delay = backoff * 2 ** (run.failures - 1) * random.uniform(0.5, 1.5)
+                run.not_before = now + delay
+                await self.storage.call(
+                    self.store.requeue, run.id, ref.attempt, not_before=run.not_before, error=error
+                )
+                self.counters["retried"] += 1
+                log.info(
+                    "run %s attempt %d failed (%s); retry %d/%d in %.2fs",
+                    run.id,
+                    ref.attempt,
+                    error["type"],
+                    run.failures,
+                    retries,
+                    delay,
+                )
+                self._enqueue(run)
+            else:
+                await self._fail(run, ref.attempt, error)
+        session.send(ResultAck(run_id=result.run_id, attempt=result.attempt))
+        self.wake()
+
+    # -- views --------------------------------------------------------------------------------
+
+    def runner_views(self) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        views = []
+        for s in self.sessions.values():
+            hb = s.conn.heartbeats
+            views.append(
+                {
+                    "id": s.runner_id,
+                    "session_id": s.session_id,
+                    "host": s.hello.host,
+                    "pid": s.hello.pid,
+                    "slots": s.slots,
+                    "free_slots": s.free_slots,
+                    "in_flight": len(s.in_flight),
+                    "draining": s.draining,
+                    "connected_at": s.connected_at,
+                    "functions": [dataclasses.asdict(f) for f in s.hello.functions],
+                    "heartbeat": {
+                        "interval_ms": hb.interval_ms,
+                        "last_age_ms": _round(hb.last_age_ms(now)),
+                        "max_gap_ms": round(hb.max_gap_ms, 3),
+                        "p99_gap_ms": round(hb.percentile_gap_ms(0.99), 3),
+                        "count": hb.count,
+                    },
+                }
+            )
+        return views
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+def _retry_policy(info: FunctionInfo | dict[str, Any] | None) -> tuple[int, float]:
+    if info is None:
+        return 0, 1.0
+    if isinstance(info, FunctionInfo):
+        return info.retries, info.backoff
+    return int(info.get("retries", 0)), float(info.get("backoff", 1.0))
+
+
+def _mark_running_many(store: Any, marks: list[tuple[str, int, str, float]]) -> None:
+    for run_id, attempt, runner_id, now in marks:
+        store.mark_running(run_id, attempt, runner_id, now)
