@@ -11,13 +11,15 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import re
+import reprlib
 import types
 import typing
 from collections.abc import Callable
 from typing import Any
 
 from ..exceptions import ProtocolError
-from .messages import MESSAGE_TYPES, Message
+from .messages import MESSAGE_TYPES, ErrorInfo, FunctionInfo, Message, RunRef
 
 __all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "CloseCode", "decode", "encode"]
 
@@ -43,40 +45,71 @@ class CloseCode(enum.IntEnum):
     SLOW_CONSUMER = 4005  # our outgoing queue to the peer overflowed
 
 
-_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+_RECORDS = (RunRef, FunctionInfo, ErrorInfo)
+_fields: Callable[[Any], tuple[dataclasses.Field[Any], ...]] = dataclasses.fields
 
 
-def _plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, tuple | list):
-        return [_plain(v) for v in value]
-    return value
+def _record(value: Any) -> Any:
+    # Only our own records become objects; anything else in a payload is not JSON. Payloads
+    # (args, kwargs, value) are left to the C encoder, so their depth costs no Python recursion.
+    if isinstance(value, _RECORDS):
+        return {f.name: getattr(value, f.name) for f in _fields(value)}
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+_ENCODER = json.JSONEncoder(
+    separators=(",", ":"), allow_nan=False, ensure_ascii=False, default=_record
+)
 
 
 def encode(message: Message) -> bytes:
     """The frame for ``message``. ValueError/TypeError if a payload value is not JSON."""
-    body = _plain(message)
+    body = {f.name: getattr(message, f.name) for f in _fields(message)}
     body["type"] = message.type
-    return _ENCODER.encode(body).encode()
+    try:
+        return _ENCODER.encode(body).encode()
+    except RecursionError:
+        raise ValueError("payload is nested too deeply to encode") from None
+
+
+def _constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value - value != 0:  # inf (1e999); NaN cannot be written as a number
+        raise ValueError(f"{text[:20]} overflows a float")
+    return value
+
+
+# A lone surrogate can only come from a \uD800-\uDFFF escape, or from text that was never UTF-8.
+_MAYBE_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]|[\ud800-\udfff]")
 
 
 def decode(data: bytes | str, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
     """The message in one frame, or :class:`ProtocolError` naming what is wrong with it."""
-    if len(data) > max_bytes:
+    size = len(data)
+    if isinstance(data, str) and size <= max_bytes < 4 * size:
+        size = len(data.encode("utf-8", "surrogatepass"))  # the limit is in bytes, not chars
+    if size > max_bytes:
         raise ProtocolError(
-            CloseCode.MESSAGE_TOO_BIG, f"message of {len(data)} bytes exceeds {max_bytes}"
+            CloseCode.MESSAGE_TOO_BIG, f"message of {size} bytes exceeds {max_bytes}"
         )
     try:
-        obj = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        text = data.decode() if isinstance(data, bytes) else data
+        obj = json.loads(text, parse_constant=_constant, parse_float=_finite)
+        if _MAYBE_SURROGATE.search(text):
+            _ENCODER.encode(obj).encode()  # UnicodeEncodeError for a lone surrogate
+    except (ValueError, RecursionError) as exc:
+        # ValueError covers JSONDecodeError, UnicodeError and ints over 4300 digits.
         raise ProtocolError(CloseCode.INVALID_PAYLOAD, f"frame is not JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise ProtocolError(CloseCode.PROTOCOL_ERROR, "frame is not a JSON object")
     kind = obj.pop("type", None)
     cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
     if cls is None:
-        raise ProtocolError(CloseCode.PROTOCOL_ERROR, f"unknown message type {kind!r}")
+        raise ProtocolError(CloseCode.PROTOCOL_ERROR, f"unknown message type {_REPR.repr(kind)}")
     return _BUILDERS[cls](obj, kind)  # type: ignore[no-any-return]
 
 
@@ -85,8 +118,11 @@ def decode(data: bytes | str, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> 
 Check = Callable[[Any, str], Any]
 
 
+_REPR = reprlib.Repr(maxlevel=3, maxstring=60, maxlong=60, maxother=60)
+
+
 def _fail(where: str, expected: str, value: Any) -> ProtocolError:
-    shown = repr(value)
+    shown = _REPR.repr(value)  # bounded: values may be huge or deeply nested
     if len(shown) > 60:
         shown = shown[:57] + "..."
     return ProtocolError(CloseCode.PROTOCOL_ERROR, f"{where} must be {expected}, got {shown}")
@@ -98,14 +134,21 @@ def _scalar(tp: type, expected: str) -> Check:
         if type(value) is bool and tp is not bool:
             raise _fail(where, expected, value)
         if tp is float and type(value) is int:
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:
+                raise _fail(where, expected, value) from None
         if not isinstance(value, tp):
             raise _fail(where, expected, value)
+        if type(value) is int and not _INT64_MIN <= value <= _INT64_MAX:
+            # out of range, so that ms / 1000 or an SQLite column never overflows
+            raise _fail(where, "a 64-bit integer", value)
         return value
 
     return check
 
 
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _EXPECTED = {str: "a string", int: "an integer", float: "a number", bool: "a boolean"}
 
 
@@ -154,7 +197,7 @@ def _compile(tp: Any) -> Check:
             return value
 
         return mapping
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         build = _builder(tp)
 
         def nested(value: Any, where: str) -> Any:

@@ -118,8 +118,17 @@ class RunnerConnection(_Endpoint):
 
     def _received(self, message: Message, now: float) -> Message | ProtocolFailure:
         if isinstance(message, Welcome):
-            if message.heartbeat_interval_ms <= 0 or message.heartbeat_timeout_ms <= 0:
-                return self._fail(CloseCode.PROTOCOL_ERROR, "welcome has non-positive intervals")
+            must_be_positive = (
+                message.heartbeat_interval_ms,
+                message.heartbeat_timeout_ms,
+                message.lease_ms,
+                message.extend_interval_ms,
+                message.max_message_bytes,
+            )
+            if min(must_be_positive) <= 0:
+                return self._fail(
+                    CloseCode.PROTOCOL_ERROR, "welcome has non-positive intervals or limits"
+                )
             self.welcome = message
             self.max_message_bytes = message.max_message_bytes
             self.state = State.OPEN
@@ -145,8 +154,13 @@ class RunnerConnection(_Endpoint):
         """The next heartbeat frame; schedules the one after on the hub's interval."""
         self._seq += 1
         self._sent_at[self._seq] = now
-        # Schedule from the previous deadline, not from now, so lateness does not accumulate.
-        self._next_heartbeat = max(self._next_heartbeat + self.heartbeat_interval, now)
+        if len(self._sent_at) > 64:  # a hub that never acks must not grow this without bound
+            del self._sent_at[min(self._sent_at)]
+        # Schedule from the previous deadline, not from now, so lateness does not accumulate;
+        # after a stall longer than an interval, restart from now rather than send a burst.
+        self._next_heartbeat += self.heartbeat_interval
+        if self._next_heartbeat <= now:
+            self._next_heartbeat = now + self.heartbeat_interval
         return encode(Heartbeat(seq=self._seq, free_slots=free_slots, in_flight=in_flight))
 
     def hub_silent(self, now: float) -> bool:
@@ -211,6 +225,8 @@ class HubConnection(_Endpoint):
 
     def _received(self, message: Message, now: float) -> Message | ProtocolFailure:
         if isinstance(message, Hello):
+            if self.hello is not None:  # a second hello before accept()
+                return self._fail(CloseCode.PROTOCOL_ERROR, "'hello' sent twice")
             if message.version != PROTOCOL_VERSION:
                 return self._fail(
                     CloseCode.VERSION_MISMATCH,

@@ -42,10 +42,9 @@ __all__ = [
 PROTOCOL_VERSION = 1
 SUBPROTOCOL = "tether.v1"
 
-frozen = dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 
 
-@frozen
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class RunRef:
     """One attempt of one run: the unit leases and results are fenced on."""
 
@@ -53,7 +52,7 @@ class RunRef:
     attempt: int
 
 
-@frozen
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class FunctionInfo:
     """A function a runner serves, with its resolved options (isolation, concurrency, ...)."""
 
@@ -68,7 +67,7 @@ class FunctionInfo:
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-@frozen
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class ErrorInfo:
     type: str
     message: str
@@ -76,7 +75,7 @@ class ErrorInfo:
     retryable: bool = True
 
 
-@frozen
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Message:
     type: ClassVar[str]
 
@@ -84,7 +83,7 @@ class Message:
 # runner -> hub
 
 
-@frozen
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Hello(Message):
     type: ClassVar[str] = "hello"
     runner_id: str
@@ -97,7 +96,7 @@ class Hello(Message):
     draining: bool = False
 
 
-@frozen
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Heartbeat(Message):
     type: ClassVar[str] = "heartbeat"
     seq: int
@@ -105,14 +104,14 @@ class Heartbeat(Message):
     in_flight: int
 
 
-@frozen
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Ack(Message):
     type: ClassVar[str] = "ack"
     run_id: str
     attempt: int
 
 
-@frozen
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class RejectDispatch(Message):
     type: ClassVar[str] = "reject"
     run_id: str
@@ -120,13 +119,13 @@ class RejectDispatch(Message):
     reason: str  # "no_slot" | "unknown_function" | "draining" | "busy"
 
 
-@frozen
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Extend(Message):
     type: ClassVar[str] = "extend"
     runs: tuple[RunRef, ...]
 
 
-@frozen
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Result(Message):
     type: ClassVar[str] = "result"
     run_id: str
@@ -137,7 +136,7 @@ class Result(Message):
     duration_ms: float = 0.0
 
 
-@frozen
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Draining(Message):
     type: ClassVar[str] = "draining"
 
@@ -145,7 +144,7 @@ class Draining(Message):
 # hub -> runner
 
 
-@frozen
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Welcome(Message):
     type: ClassVar[str] = "welcome"
     session_id: str
@@ -156,13 +155,13 @@ class Welcome(Message):
     max_message_bytes: int
 
 
-@frozen
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class HeartbeatAck(Message):
     type: ClassVar[str] = "heartbeat_ack"
     seq: int
 
 
-@frozen
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Dispatch(Message):
     type: ClassVar[str] = "dispatch"
     run_id: str
@@ -174,14 +173,14 @@ class Dispatch(Message):
     timeout: float | None = None
 
 
-@frozen
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Extended(Message):
     type: ClassVar[str] = "extended"
     runs: tuple[RunRef, ...]
     lease_ms: int
 
 
-@frozen
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class LeaseLost(Message):
     type: ClassVar[str] = "lease_lost"
     run_id: str
@@ -189,21 +188,21 @@ class LeaseLost(Message):
     reason: str
 
 
-@frozen
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class ResultAck(Message):
     type: ClassVar[str] = "result_ack"
     run_id: str
     attempt: int
 
 
-@frozen
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Cancel(Message):
     type: ClassVar[str] = "cancel"
     run_id: str
     attempt: int
 
 
-@frozen
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Closing(Message):
     type: ClassVar[str] = "closing"
     reason: str = ""
