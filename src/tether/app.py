@@ -214,6 +214,19 @@ class Tether:
             self._client = Client(self.hub, token=self.token)
         return self._client
 
+    def close(self) -> None:
+        """Close the blocking client ``.delay()`` opened, if any."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    async def aclose(self) -> None:
+        """Close both clients ``.delay()`` and ``.delay_async()`` opened, if any."""
+        self.close()
+        if self._async_client is not None:
+            await self._async_client.aclose()
+            self._async_client = None
+
     def async_client(self) -> AsyncClient:
         if self._async_client is None:
             from .client import AsyncClient

@@ -70,10 +70,6 @@ BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 5.0
 
 
-class Fatal(Exception):
-    """The hub refused us for a reason retrying cannot fix (bad token, wrong version)."""
-
-
 def ws_url(hub: str) -> str:
     hub = hub.rstrip("/")
     if hub.startswith("https://"):
@@ -211,16 +207,17 @@ class HubLink:
                     delay = BACKOFF_FIRST
                     last_logged = None
                     await self._serve(ws)
-            except Fatal as exc:
-                log.error("the hub refused this runner: %s", exc)
-                self.stop(EXIT_FATAL)
-                return
-            except (OSError, TimeoutError, InvalidHandshake, ConnectionClosed, ProtocolError) as exc:
+            except BaseException as raised:
+                # Task groups wrap what their tasks raise; judge the innermost error.
+                exc = _innermost(raised)
                 if isinstance(exc, InvalidStatus) and exc.response.status_code in (401, 403):
                     log.error("the hub at %s refused our token (HTTP %d)", self.url,
                               exc.response.status_code)  # fmt: skip
                     self.stop(EXIT_FATAL)
                     return
+                cancelled = isinstance(raised, anyio.get_cancelled_exc_class())
+                if cancelled or not isinstance(exc, _RECOVERABLE):
+                    raise
                 reason = _describe(exc)
                 # Say it once per backoff step, not once per attempt.
                 if last_logged is None or last_logged != (reason, delay):
@@ -403,6 +400,18 @@ def _result(step: _Step, outcome: bytes) -> Result:
     )  # fmt: skip
     return Result(run_id=ref.run_id, attempt=ref.attempt, ok=False, error=error,
                   duration_ms=duration_ms)  # fmt: skip
+
+
+_RECOVERABLE = (OSError, TimeoutError, InvalidHandshake, ConnectionClosed, ProtocolError)
+
+
+def _innermost(exc: BaseException) -> BaseException:
+    """The first real error inside (possibly nested) exception groups."""
+    while isinstance(exc, BaseExceptionGroup):
+        cancelled = anyio.get_cancelled_exc_class()
+        leaves = [e for e in exc.exceptions if not isinstance(e, cancelled)]
+        exc = (leaves or exc.exceptions)[0]
+    return exc
 
 
 def _describe(exc: BaseException) -> str:

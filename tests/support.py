@@ -1,0 +1,181 @@
+"""Helpers shared by the tests: time units, polling, and real hub/runner subprocesses.
+
+Every wait is a poll on a condition with a deadline, never a fixed sleep. Deadlines are
+multiples of ``UNIT``, scaled by ``TETHER_TEST_TIMEOUT_FACTOR`` so that a slow machine can
+stretch them without editing tests.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+FACTOR = float(os.environ.get("TETHER_TEST_TIMEOUT_FACTOR", "1"))
+UNIT = 1.0 * FACTOR  # seconds
+TESTS = Path(__file__).parent
+
+
+def poll[T](what: str, check: Callable[[], T], timeout: float = 20 * UNIT, every: float = 0.02) -> T:
+    """Return ``check()``'s first truthy value; AssertionError naming ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what}")
+        time.sleep(every)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def env(**extra: str) -> dict[str, str]:
+    """The environment for a child: tests/ on the path so it imports tests' task modules."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
+    base["PYTHONPATH"] = os.pathsep.join([str(TESTS), base.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    base["PYTHONUNBUFFERED"] = "1"
+    base.update(extra)
+    return base
+
+
+class Proc:
+    """A ``tether`` subprocess whose output is kept in a file for assertions and post-mortems."""
+
+    def __init__(self, name: str, args: Sequence[str], log_dir: Path, **env_extra: str) -> None:
+        self.name = name
+        self.args = list(args)
+        self.log_path = log_dir / f"{name}.log"
+        self._log = self.log_path.open("ab")
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "tether", *args],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env(**env_extra),
+            cwd=TESTS,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def signal(self, signum: int) -> None:
+        if self.alive():
+            self.popen.send_signal(signum)
+
+    def wait(self, timeout: float = 30 * UNIT) -> int:
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{self.name} did not exit; output:\n{self.output()}") from None
+
+    def kill(self) -> None:
+        if self.alive():
+            self.popen.kill()
+        self.popen.wait()
+        self._log.close()
+
+    def stop(self) -> int:
+        """SIGTERM, then SIGKILL if it does not exit in time."""
+        self.signal(signal.SIGTERM)
+        try:
+            return self.popen.wait(30 * UNIT)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return -9
+        finally:
+            self._log.close()
+
+
+class Cluster:
+    """Hubs and runners started as real ``tether`` subprocesses; all stopped at teardown."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp = tmp_path
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.procs: list[Proc] = []
+        self._hubs = 0
+        self._runners = 0
+
+    def hub(self, *extra: str, heartbeat_interval: float = 0.1, heartbeat_timeout: float = 1.5,
+            **env_extra: str) -> Proc:  # fmt: skip
+        self._hubs += 1
+        proc = Proc(
+            f"hub{self._hubs}",
+            ["server", "--port", str(self.port), "--data-dir", str(self.tmp / "data"),
+             "--heartbeat-interval", str(heartbeat_interval),
+             "--heartbeat-timeout", str(heartbeat_timeout), *extra],
+            self.tmp, **env_extra,
+        )  # fmt: skip
+        self.procs.append(proc)
+        poll(f"{proc.name} to serve", lambda: not proc.alive() or self.healthy())
+        assert proc.alive(), proc.output()
+        return proc
+
+    def healthy(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def runner(self, *modules: str, slots: int = 2, wait: bool = True, extra: Sequence[str] = (),
+               **env_extra: str) -> Proc:  # fmt: skip
+        self._runners += 1
+        runner_id = f"runner{self._runners}"
+        proc = Proc(
+            runner_id,
+            ["worker", *modules, "--hub", self.url, "--slots", str(slots),
+             "--runner-id", runner_id, "--drain-grace", str(20 * UNIT), *extra],
+            self.tmp, **env_extra,
+        )  # fmt: skip
+        self.procs.append(proc)
+        if wait:
+            poll(f"{runner_id} to connect", lambda: not proc.alive() or runner_id in self.runner_ids())
+            assert proc.alive(), proc.output()
+        return proc
+
+    def runners(self) -> list[dict[str, Any]]:
+        try:
+            response = httpx.get(f"{self.url}/v1/runners", timeout=2)
+        except httpx.HTTPError:
+            return []
+        return list(response.json()["runners"]) if response.status_code == 200 else []
+
+    def runner_ids(self) -> set[str]:
+        return {r["id"] for r in self.runners()}
+
+    def run(self, run_id: str) -> dict[str, Any]:
+        return dict(httpx.get(f"{self.url}/v1/runs/{run_id}", timeout=5).json())
+
+    def cli(self, *args: str, timeout: float = 60 * UNIT) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "tether", *args],
+            capture_output=True,
+            text=True,
+            env=env(TETHER_HUB=self.url),
+            cwd=TESTS,
+            timeout=timeout,
+        )
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            proc.kill()

@@ -1,0 +1,188 @@
+"""End to end: ``tether server`` and ``tether worker`` as real subprocesses on loopback,
+driven through the CLI, the client and ``task.delay()``."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+from pathlib import Path
+
+import pytest
+
+from support import UNIT, Cluster, poll
+from tether import Client, TaskError
+
+pytestmark = pytest.mark.slow
+
+
+def test_cli_client_and_delay_round_trip(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    cluster.hub()
+    cluster.runner("apps.jobs")
+
+    done = cluster.cli("submit", "apps.jobs.add", "2", "3", "--wait")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "5"
+
+    queued = cluster.cli("submit", "apps.jobs.add", "40", "2")
+    run_id = queued.stdout.strip()
+    shown = cluster.cli("result", run_id, "--wait", "--timeout", str(20 * UNIT))
+    assert (shown.returncode, shown.stdout.strip()) == (0, "42")
+
+    with Client(cluster.url) as client:
+        assert client.submit("apps.jobs.add", 1, y=2).get(timeout=20 * UNIT) == 3
+
+    monkeypatch.setenv("TETHER_HUB", cluster.url)
+    from apps.jobs import add
+
+    assert add(1, 1) == 2  # still a plain function when called directly
+    try:
+        assert add.delay(20, 22).get(timeout=20 * UNIT) == 42
+    finally:
+        add.app.close()
+
+    status = json.loads(cluster.cli("status", "--json").stdout)
+    [runner] = status["runners"]
+    assert runner["id"] == "runner1"
+    assert runner["heartbeat"]["count"] > 0
+    assert status["runs"]["succeeded"] == 4
+
+
+@pytest.mark.anyio
+async def test_delay_async(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    cluster.hub()
+    cluster.runner("apps.jobs")
+    monkeypatch.setenv("TETHER_HUB", cluster.url)
+    from apps.jobs import add
+
+    try:
+        handle = await add.delay_async(2, 3)
+        assert await handle.get(timeout=20 * UNIT) == 5
+    finally:
+        await add.app.aclose()
+
+
+def test_task_error_comes_back_with_type_message_and_traceback(cluster: Cluster) -> None:
+    cluster.hub()
+    cluster.runner("apps.jobs")
+    with Client(cluster.url) as client:
+        with pytest.raises(TaskError) as caught:
+            client.submit("apps.jobs.boom", "it broke").get(timeout=20 * UNIT)
+    error = caught.value
+    assert (error.type, error.message) == ("ValueError", "it broke")
+    assert "raise ValueError(message)" in error.traceback
+    assert "it broke" in str(error)
+
+    failed = cluster.cli("submit", "apps.jobs.boom", "again", "--wait")
+    assert failed.returncode == 1
+    assert "ValueError: again" in failed.stderr
+
+
+def test_retries_with_backoff_then_success_keeps_every_error(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.hub()
+    cluster.runner("apps.jobs")
+    with Client(cluster.url) as client:
+        handle = client.submit("apps.jobs.flaky", str(tmp_path / "count"), 2)
+        assert handle.get(timeout=20 * UNIT) == 3
+        view = handle.status()
+    assert view["attempt"] == 3
+    assert [e["message"] for e in view["errors"]] == [
+        "attempt 1 fails on purpose",
+        "attempt 2 fails on purpose",
+    ]
+
+
+def test_reject_fails_at_once_without_retrying(cluster: Cluster) -> None:
+    cluster.hub()
+    cluster.runner("apps.jobs")
+    with Client(cluster.url) as client:
+        handle = client.submit("apps.jobs.refuse", "bad input")
+        with pytest.raises(TaskError, match="bad input"):
+            handle.get(timeout=20 * UNIT)
+        assert handle.status()["attempt"] == 1
+
+
+def test_unknown_function_and_bad_arguments_are_refused_clearly(cluster: Cluster) -> None:
+    cluster.hub()
+    unknown = cluster.cli("submit", "apps.jobs.nope", "1")
+    assert unknown.returncode == 1
+    assert "unknown function 'apps.jobs.nope'" in unknown.stderr
+    with Client(cluster.url) as client:
+        with pytest.raises(TypeError, match=r"argument 1 of apps.jobs.add \(set\)"):
+            client.submit("apps.jobs.add", 1, {2})
+
+
+def test_runner_killed_mid_step_finishes_on_a_second_runner_as_attempt_2(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    cluster.hub()
+    first = cluster.runner("apps.jobs")
+    marker = tmp_path / "started"
+    with Client(cluster.url) as client:
+        handle = client.submit("apps.jobs.hold_first", str(marker))
+        poll("the first attempt to start", marker.exists)
+        second = cluster.runner("apps.jobs")
+        first.signal(signal.SIGKILL)
+        result = handle.get(timeout=30 * UNIT)
+        view = handle.status()
+    assert result == f"finished by pid {second.pid}"
+    assert view["state"] == "succeeded"
+    assert view["attempt"] == 2
+    assert [e["type"] for e in view["errors"]] == ["tether.RunnerLost"]
+
+
+def test_hub_restart_in_the_middle_of_a_batch_loses_no_run(cluster: Cluster) -> None:
+    hub = cluster.hub()
+    cluster.runner("apps.jobs", slots=2)
+    count = 300
+    with Client(cluster.url) as client:
+        handles = client.submit_many("apps.jobs.add", [(i, 1) for i in range(count)])
+        poll("some runs to finish", lambda: client.run(handles[count // 4].id)["state"] == "succeeded")
+        hub.signal(signal.SIGKILL)
+        hub.wait()
+        cluster.hub()
+        results = [h.get(timeout=60 * UNIT) for h in handles]
+    assert results == [i + 1 for i in range(count)]
+    status = json.loads(cluster.cli("status", "--json").stdout)
+    assert status["runs"] == {"succeeded": count}
+
+
+def test_sigterm_drains_in_flight_runs_and_exits_0(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.hub()
+    runner = cluster.runner("apps.jobs")
+    started, release = tmp_path / "started", tmp_path / "release"
+    with Client(cluster.url) as client:
+        handle = client.submit("apps.jobs.wait_for", str(release), str(started))
+        poll("the step to start", started.exists)
+        runner.signal(signal.SIGTERM)
+        poll("the hub to see the runner draining",
+             lambda: any(r["draining"] for r in cluster.runners()))  # fmt: skip
+        later = client.submit("apps.jobs.add", 1, 1)  # must not go to a draining runner
+        release.write_text("go")
+        assert handle.get(timeout=20 * UNIT) == "released"
+        assert runner.wait() == 0
+        assert client.run(later.id)["state"] == "queued"
+        cluster.runner("apps.jobs")
+        assert later.get(timeout=20 * UNIT) == 2
+
+
+def test_worker_with_a_module_that_fails_to_import_exits_non_zero(cluster: Cluster) -> None:
+    cluster.hub()
+    runner = cluster.runner("apps.does_not_exist", wait=False)
+    assert runner.wait() != 0
+    output = runner.output()
+    assert "cannot import task module 'apps.does_not_exist'" in output
+    assert "No module named 'apps.does_not_exist'" in output
+    assert cluster.runners() == []
+
+
+def test_unreachable_hub_is_retried_and_reported_once_per_backoff_step(cluster: Cluster) -> None:
+    runner = cluster.runner("apps.jobs", wait=False)
+    poll("the backoff to reach its ceiling", lambda: "retrying in 5.0s" in runner.output(),
+         timeout=30 * UNIT)  # fmt: skip
+    lines = [line for line in runner.output().splitlines() if "retrying in" in line]
+    steps = [re.search(r"retrying in ([\d.]+)s", line).group(1) for line in lines]  # type: ignore[union-attr]
+    assert steps == ["0.1", "0.2", "0.4", "0.8", "1.6", "3.2", "5.0"]
+    assert all("connection refused" in line for line in lines)
+    cluster.hub()
+    poll("the runner to connect once the hub is up", lambda: cluster.runner_ids() == {"runner1"})
