@@ -24,7 +24,9 @@ UNIT = 1.0 * FACTOR  # seconds
 TESTS = Path(__file__).parent
 
 
-def poll[T](what: str, check: Callable[[], T], timeout: float = 20 * UNIT, every: float = 0.02) -> T:
+def poll[T](
+    what: str, check: Callable[[], T], timeout: float = 20 * UNIT, every: float = 0.02
+) -> T:
     """Return ``check()``'s first truthy value; AssertionError naming ``what`` at the deadline."""
     deadline = time.monotonic() + timeout
     while True:
@@ -45,7 +47,9 @@ def free_port() -> int:
 def env(**extra: str) -> dict[str, str]:
     """The environment for a child: tests/ on the path so it imports tests' task modules."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
-    base["PYTHONPATH"] = os.pathsep.join([str(TESTS), base.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    base["PYTHONPATH"] = os.pathsep.join([str(TESTS), base.get("PYTHONPATH", "")]).rstrip(
+        os.pathsep
+    )
     base["PYTHONUNBUFFERED"] = "1"
     base.update(extra)
     return base
@@ -149,7 +153,10 @@ class Cluster:
         )  # fmt: skip
         self.procs.append(proc)
         if wait:
-            poll(f"{runner_id} to connect", lambda: not proc.alive() or runner_id in self.runner_ids())
+            poll(
+                f"{runner_id} to connect",
+                lambda: not proc.alive() or runner_id in self.runner_ids(),
+            )
             assert proc.alive(), proc.output()
         return proc
 

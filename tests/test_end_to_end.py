@@ -78,7 +78,9 @@ def test_task_error_comes_back_with_type_message_and_traceback(cluster: Cluster)
     assert "ValueError: again" in failed.stderr
 
 
-def test_retries_with_backoff_then_success_keeps_every_error(cluster: Cluster, tmp_path: Path) -> None:
+def test_retries_with_backoff_then_success_keeps_every_error(
+    cluster: Cluster, tmp_path: Path
+) -> None:
     cluster.hub()
     cluster.runner("apps.jobs")
     with Client(cluster.url) as client:
@@ -137,7 +139,10 @@ def test_hub_restart_in_the_middle_of_a_batch_loses_no_run(cluster: Cluster) -> 
     count = 300
     with Client(cluster.url) as client:
         handles = client.submit_many("apps.jobs.add", [(i, 1) for i in range(count)])
-        poll("some runs to finish", lambda: client.run(handles[count // 4].id)["state"] == "succeeded")
+        poll(
+            "some runs to finish",
+            lambda: client.run(handles[count // 4].id)["state"] == "succeeded",
+        )
         hub.signal(signal.SIGKILL)
         hub.wait()
         cluster.hub()

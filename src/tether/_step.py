@@ -54,7 +54,9 @@ def resolve(module: str, qualname: str) -> Callable[..., Any]:
 
 def _type_name(exc: BaseException) -> str:
     cls = type(exc)
-    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    return (
+        cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    )
 
 
 def run_step(request: bytes) -> bytes:
@@ -83,4 +85,3 @@ def run_step(request: bytes) -> bytes:
 
 async def _await(awaitable: Any) -> Any:
     return await awaitable
-

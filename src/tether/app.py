@@ -233,4 +233,3 @@ class Tether:
 
             self._async_client = AsyncClient(self.hub, token=self.token)
         return self._async_client
-

@@ -29,10 +29,14 @@ from .exceptions import ConfigError, TaskError, TetherError
 __all__ = ["main"]
 
 
+class _ConfigFailure(click.ClickException):
+    exit_code = 2  # like a usage error: the command cannot start as configured
+
+
 def _fail(exc: TetherError) -> click.ClickException:
-    error = click.ClickException(str(exc))
-    error.exit_code = 2 if isinstance(exc, ConfigError) else 1
-    return error
+    if isinstance(exc, ConfigError):
+        return _ConfigFailure(str(exc))
+    return click.ClickException(str(exc))
 
 
 def parse_arg(text: str) -> Any:
@@ -193,7 +197,11 @@ def submit(
                 for _ in range(count):
                     handles.append(
                         client.apply(
-                            function, values, keywords, queue=queue, delay=delay,
+                            function,
+                            values,
+                            keywords,
+                            queue=queue,
+                            delay=delay,
                             idempotency_key=idempotency_key,
                         )  # fmt: skip
                     )

@@ -141,9 +141,7 @@ class Client(BaseClient):
     def close(self) -> None:
         self._http.close()
 
-    def _request(
-        self, method: str, path: str, *, run_id: str | None = None, **kwargs: Any
-    ) -> Any:
+    def _request(self, method: str, path: str, *, run_id: str | None = None, **kwargs: Any) -> Any:
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
@@ -332,5 +330,3 @@ class AsyncRunHandle:
 
     async def cancel(self) -> dict[str, Any]:
         return await self.client.cancel(self.id)
-
-

@@ -340,7 +340,9 @@ class Scheduler:
                     continue
                 run.attempt += 1
                 session.take(run.id, run.attempt, function)
-                self.leases.grant(RunRef(run_id=run.id, attempt=run.attempt), session.runner_id, expires)
+                self.leases.grant(
+                    RunRef(run_id=run.id, attempt=run.attempt), session.runner_id, expires
+                )
                 assignments.append((session, run))
         return assignments
 
@@ -499,7 +501,9 @@ class Scheduler:
                 message.runs, session.runner_id, time.monotonic() + self.timings.lease
             )
             if extended:
-                session.send(Extended(runs=tuple(extended), lease_ms=int(self.timings.lease * 1000)))
+                session.send(
+                    Extended(runs=tuple(extended), lease_ms=int(self.timings.lease * 1000))
+                )
             for ref in lost:
                 session.send(LeaseLost(run_id=ref.run_id, attempt=ref.attempt, reason="not held"))
         elif isinstance(message, RejectDispatch):

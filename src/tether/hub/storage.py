@@ -27,7 +27,9 @@ log = logging.getLogger("tether.hub.store")
 _MAX_BATCH = 1024
 _STOP = object()
 
-type _Op = tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any], asyncio.AbstractEventLoop]
+type _Op = tuple[
+    Callable[..., Any], tuple[Any, ...], asyncio.Future[Any], asyncio.AbstractEventLoop
+]
 
 
 class StoreThread:

@@ -127,6 +127,7 @@ class HubLink:
         self._steps_tg: anyio.abc.TaskGroup | None = None
         self._stop = anyio.Event()
         self._idle = anyio.Event()
+        self._acked = anyio.Event()
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -158,7 +159,8 @@ class HubLink:
         # Results wait for the hub's acknowledgement (bounded: the hub may be gone).
         with anyio.move_on_after(max(5.0, self.drain_grace / 2)):
             while len(self.outbox):
-                await anyio.sleep(0.01)
+                self._acked = anyio.Event()
+                await self._acked.wait()
         if len(self.outbox):
             log.warning("%d results were not acknowledged by the hub", len(self.outbox))
         self._stop.set()
@@ -309,10 +311,13 @@ class HubLink:
             self._on_dispatch(message)
         elif isinstance(message, ResultAck):
             self.outbox.acknowledge(RunRef(run_id=message.run_id, attempt=message.attempt))
+            self._acked.set()
         elif isinstance(message, Cancel | LeaseLost):
             step = self.steps.get(message.run_id)
             if step is not None and step.ref.attempt == message.attempt:
-                why = "cancelled" if isinstance(message, Cancel) else f"lease lost ({message.reason})"
+                why = (
+                    "cancelled" if isinstance(message, Cancel) else f"lease lost ({message.reason})"
+                )
                 log.info("run %s attempt %d: %s; stopping it", message.run_id, message.attempt, why)
                 step.scope.cancel()
         elif isinstance(message, HeartbeatAck | Extended):

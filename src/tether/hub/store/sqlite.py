@@ -185,8 +185,7 @@ class SQLiteStore(Store):
 
     def unfinished(self) -> list[RunRecord]:
         rows = self.db.execute(
-            f"SELECT {_COLUMNS} FROM runs WHERE state IN ('queued', 'running')"
-            " ORDER BY created_at"
+            f"SELECT {_COLUMNS} FROM runs WHERE state IN ('queued', 'running') ORDER BY created_at"
         ).fetchall()
         return [_record(row) for row in rows]
 

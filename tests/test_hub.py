@@ -1,0 +1,317 @@
+"""The hub over real loopback sockets: its HTTP API, and its scheduler driven by light runners
+that speak the real protocol (dispatch, fencing, leases, heartbeat timeouts, bad frames)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.typing import Subprotocol
+
+from lightrunner import light_runner
+from support import UNIT
+from tether.hub import Hub
+from tether.protocol import (
+    SUBPROTOCOL,
+    Ack,
+    Cancel,
+    CloseCode,
+    Dispatch,
+    ErrorInfo,
+    Extend,
+    Extended,
+    FunctionInfo,
+    LeaseLost,
+    RejectDispatch,
+    ResultAck,
+    RunRef,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def hub(tmp_path: Path) -> AsyncIterator[str]:
+    server = Hub(port=0, data_dir=tmp_path, heartbeat_interval=0.05, heartbeat_timeout=0.5,
+                 lease=1.0, handshake_timeout=0.5, max_message_bytes=64 * 1024)  # fmt: skip
+    async with server.running() as url:
+        yield url
+
+
+@pytest.fixture
+async def api(hub: str) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=hub, timeout=10 * UNIT) as client:
+        yield client
+
+
+async def state(api: httpx.AsyncClient, run_id: str) -> dict[str, object]:
+    response = await api.get(f"/v1/runs/{run_id}")
+    assert response.status_code == 200
+    return dict(response.json())
+
+
+async def submit(
+    api: httpx.AsyncClient, function: str = "t.f", *args: object, **body: object
+) -> str:
+    response = await api.post("/v1/runs", json={"function": function, "args": list(args), **body})
+    assert response.status_code == 201, response.text
+    return str(response.json()["id"])
+
+
+# -- HTTP API --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        (b"{not json", 400, "request body is not valid JSON"),
+        (b"[1, 2]", 400, "run must be a JSON object"),
+        (b'{"function": 3}', 400, "run.function must be a non-empty string"),
+        (b'{"function": "t.f", "args": {}}', 400, "run.args must be a list"),
+        (b'{"function": "t.f", "kwargs": []}', 400, "run.kwargs must be an object"),
+        (b'{"function": "t.f", "delay": -1}', 400, "run.delay must be a finite number >= 0"),
+        (b'{"function": "t.f", "delay": "soon"}', 400, "run.delay must be a number"),
+        (b'{"function": "t.f", "priority": 1}', 400, "unknown field 'priority'"),
+        (b'{"function": "nobody.has.this"}', 404, "unknown function 'nobody.has.this'"),
+        (b'{"function": "t.f", "idempotency_key": ""}', 400, "run.idempotency_key must be"),
+    ],
+)
+async def test_bad_submissions_get_a_4xx_naming_the_problem(
+    api: httpx.AsyncClient, body: bytes, status: int, message: str
+) -> None:
+    response = await api.post("/v1/runs", content=body)
+    assert response.status_code == status
+    assert message in response.json()["error"]
+
+
+async def test_unknown_function_is_accepted_for_a_named_queue(api: httpx.AsyncClient) -> None:
+    run_id = await submit(api, "later.f", queue="batch")
+    assert (await state(api, run_id))["state"] == "queued"
+
+
+async def test_body_over_the_limit_is_refused(api: httpx.AsyncClient) -> None:
+    response = await api.post("/v1/runs", content=b"[" + b"0," * 40_000 + b"0]")
+    assert response.status_code == 413
+
+
+async def test_idempotency_key_returns_the_first_run(api: httpx.AsyncClient) -> None:
+    first = await api.post("/v1/runs", json={"function": "x", "queue": "q", "idempotency_key": "k"})
+    again = await api.post("/v1/runs", json={"function": "x", "queue": "q", "idempotency_key": "k"})
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert first.json()["id"] == again.json()["id"]
+
+
+async def test_batch_is_validated_entry_by_entry(api: httpx.AsyncClient) -> None:
+    bad = await api.post("/v1/runs/batch", json={"runs": [{"function": "x", "queue": "q"}, {}]})
+    assert bad.status_code == 400
+    assert "runs[1].function" in bad.json()["error"]
+    good = await api.post("/v1/runs/batch", json={"runs": [{"function": "x", "queue": "q"}] * 3})
+    assert good.status_code == 201
+    assert len(set(good.json()["ids"])) == 3
+
+
+async def test_reading_runs(api: httpx.AsyncClient) -> None:
+    assert (await api.get("/healthz")).json() == {"status": "ok"}
+    missing = await api.get("/v1/runs/nope")
+    assert missing.status_code == 404
+    assert "nope" in missing.json()["error"]
+    bad_wait = await api.get("/v1/runs/nope/wait", params={"timeout": "soon"})
+    assert bad_wait.status_code == 400
+    run_id = await submit(api, "x", queue="q")
+    waited = await api.get(f"/v1/runs/{run_id}/wait", params={"timeout": "0.05"})
+    assert waited.json()["state"] == "queued"
+    cancelled = await api.post(f"/v1/runs/{run_id}/cancel")
+    assert cancelled.json()["state"] == "cancelled"
+    assert (await api.get("/v1/runners")).json() == {"runners": []}
+
+
+# -- dispatch, results, fencing -------------------------------------------------------------
+
+
+async def test_dispatch_result_and_long_poll(hub: str, api: httpx.AsyncClient) -> None:
+    async with light_runner(hub) as runner:
+        run_id = await submit(api, "t.f", 2, 3)
+        dispatch = await runner.recv()
+        assert isinstance(dispatch, Dispatch)
+        assert (dispatch.run_id, dispatch.attempt, dispatch.args) == (run_id, 1, [2, 3])
+        await runner.send(Ack(run_id=run_id, attempt=1))
+        assert (await state(api, run_id))["state"] == "running"
+        async with anyio.create_task_group() as tg:
+            waited: dict[str, object] = {}
+
+            async def wait() -> None:
+                response = await api.get(f"/v1/runs/{run_id}/wait", params={"timeout": "10"})
+                waited.update(response.json())
+
+            tg.start_soon(wait)
+            await runner.result(run_id, 1, 5)
+            assert await runner.recv() == ResultAck(run_id=run_id, attempt=1)
+        assert waited["state"] == "succeeded"
+        assert waited["result"] == 5
+        [view] = (await api.get("/v1/runners")).json()["runners"]
+        assert view["id"] == "light"
+        assert view["heartbeat"]["count"] > 0
+        assert view["heartbeat"]["interval_ms"] == 50
+
+
+async def test_a_late_result_from_a_lost_lease_is_fenced_off(
+    hub: str, api: httpx.AsyncClient
+) -> None:
+    async with light_runner(hub) as runner:
+        run_id = await submit(api)
+        first = await runner.recv()
+        assert isinstance(first, Dispatch) and first.attempt == 1
+        # Never extend: the 1 s lease expires, the hub takes the run back and dispatches it again.
+        lost = await runner.recv(timeout=5 * UNIT)
+        assert lost == LeaseLost(run_id=run_id, attempt=1, reason="lease expired")
+        second = await runner.recv(timeout=5 * UNIT)
+        assert isinstance(second, Dispatch) and second.attempt == 2
+        await runner.result(run_id, 1, "stale")
+        assert await runner.recv() == ResultAck(run_id=run_id, attempt=1)
+        assert (await state(api, run_id))["state"] == "running"
+        await runner.result(run_id, 2, "fresh")
+        assert await runner.recv() == ResultAck(run_id=run_id, attempt=2)
+    view = await state(api, run_id)
+    assert (view["state"], view["attempt"], view["result"]) == ("succeeded", 2, "fresh")
+
+
+async def test_extensions_keep_a_step_longer_than_its_lease(
+    hub: str, api: httpx.AsyncClient
+) -> None:
+    async with light_runner(hub) as runner:
+        run_id = await submit(api)
+        assert isinstance(await runner.recv(), Dispatch)
+        for _ in range(8):  # 2.4 s in all, against a 1 s lease
+            await runner.send(Extend(runs=(RunRef(run_id=run_id, attempt=1),)))
+            assert isinstance(await runner.recv(), Extended)
+            await anyio.sleep(0.3)
+        await runner.result(run_id, 1, "done")
+        assert await runner.recv() == ResultAck(run_id=run_id, attempt=1)
+    view = await state(api, run_id)
+    assert (view["state"], view["attempt"]) == ("succeeded", 1)
+
+
+async def test_a_silent_runner_is_declared_dead_and_its_run_moves(
+    hub: str, api: httpx.AsyncClient
+) -> None:
+    # The hub dispatches to the runner with the most free slots: a.
+    async with light_runner(hub, "a", slots=2) as a, light_runner(hub, "b", slots=1) as b:
+        run_id = await submit(api)
+        first = await a.recv()
+        assert isinstance(first, Dispatch) and first.attempt == 1
+        a.beating = False
+        with pytest.raises(ConnectionClosed) as closed:
+            await a.recv(timeout=5 * UNIT)
+        assert (
+            closed.value.rcvd is not None and closed.value.rcvd.code == CloseCode.HEARTBEAT_TIMEOUT
+        )
+        second = await b.recv(timeout=5 * UNIT)
+        assert isinstance(second, Dispatch) and (second.run_id, second.attempt) == (run_id, 2)
+        await b.result(run_id, 2, "ok")
+        assert isinstance(await b.recv(), ResultAck)
+        ids = [r["id"] for r in (await api.get("/v1/runners")).json()["runners"]]
+        assert ids == ["b"]
+    view = await state(api, run_id)
+    assert view["errors"][0]["type"] == "tether.RunnerLost"
+
+
+async def test_retries_then_failure_keep_every_error(hub: str, api: httpx.AsyncClient) -> None:
+    info = FunctionInfo(name="t.f", retries=2, backoff=0.01)
+    async with light_runner(hub, functions=[info]) as runner:
+        run_id = await submit(api)
+        for attempt in (1, 2, 3):
+            dispatch = await runner.recv()
+            assert isinstance(dispatch, Dispatch) and dispatch.attempt == attempt
+            await runner.result(run_id, attempt, error=ErrorInfo(type="E", message=f"no {attempt}"))
+            assert isinstance(await runner.recv(), ResultAck)
+    view = await state(api, run_id)
+    assert view["state"] == "failed"
+    assert view["error"]["message"] == "no 3"
+    assert [e["message"] for e in view["errors"]] == ["no 1", "no 2", "no 3"]
+
+
+async def test_non_retryable_error_fails_at_once(hub: str, api: httpx.AsyncClient) -> None:
+    info = FunctionInfo(name="t.f", retries=5)
+    async with light_runner(hub, functions=[info]) as runner:
+        run_id = await submit(api)
+        assert isinstance(await runner.recv(), Dispatch)
+        await runner.result(
+            run_id, 1, error=ErrorInfo(type="Reject", message="no", retryable=False)
+        )
+        assert isinstance(await runner.recv(), ResultAck)
+    assert (await state(api, run_id))["state"] == "failed"
+
+
+async def test_rejected_dispatch_goes_to_another_runner(hub: str, api: httpx.AsyncClient) -> None:
+    async with light_runner(hub, "a", slots=3) as a:
+        run_id = await submit(api)
+        assert isinstance(await a.recv(), Dispatch)
+        async with light_runner(hub, "b", slots=1) as b:
+            await a.send(RejectDispatch(run_id=run_id, attempt=1, reason="draining"))
+            again = await b.recv()
+            assert isinstance(again, Dispatch) and again.attempt == 2
+
+
+async def test_cancel_of_a_running_run_reaches_its_runner(hub: str, api: httpx.AsyncClient) -> None:
+    async with light_runner(hub) as runner:
+        run_id = await submit(api)
+        assert isinstance(await runner.recv(), Dispatch)
+        view = (await api.post(f"/v1/runs/{run_id}/cancel")).json()
+        assert view["state"] == "cancelled"
+        assert await runner.recv() == Cancel(run_id=run_id, attempt=1)
+        await runner.result(run_id, 1, "too late")
+        assert isinstance(await runner.recv(), ResultAck)
+    assert (await state(api, run_id))["state"] == "cancelled"
+
+
+# -- bad runners -------------------------------------------------------------------------------
+
+
+async def closed_with(hub: str, *frames: bytes | str, headers: dict[str, str] | None = None) -> int:
+    url = hub.replace("http://", "ws://") + "/v1/connect"
+    async with connect(url, subprotocols=[Subprotocol(SUBPROTOCOL)], additional_headers=headers,
+                       ping_interval=None, max_size=None) as ws:  # fmt: skip
+        for frame in frames:
+            await ws.send(frame)
+        with pytest.raises(ConnectionClosed) as closed:
+            with anyio.fail_after(5 * UNIT):
+                while True:
+                    await ws.recv()
+    assert closed.value.rcvd is not None
+    return closed.value.rcvd.code
+
+
+@pytest.mark.parametrize(
+    ("frames", "code"),
+    [
+        ((b"\x00\xff junk",), CloseCode.INVALID_PAYLOAD),
+        (("not json",), CloseCode.INVALID_PAYLOAD),
+        (('{"type": "teleport"}',), CloseCode.PROTOCOL_ERROR),
+        (
+            ('{"type": "heartbeat", "seq": 1, "free_slots": 1, "in_flight": 0}',),
+            CloseCode.PROTOCOL_ERROR,
+        ),  # before hello
+        (("x" * 70_000,), CloseCode.MESSAGE_TOO_BIG),
+        ((), CloseCode.HANDSHAKE_TIMEOUT),  # hello never comes
+    ],
+)
+async def test_bad_frames_get_a_meaningful_close_and_others_are_unaffected(
+    hub: str, api: httpx.AsyncClient, frames: tuple[bytes | str, ...], code: int
+) -> None:
+    async with light_runner(hub) as good:
+        assert await closed_with(hub, *frames) == code
+        run_id = await submit(api)
+        dispatch = await good.recv()
+        assert isinstance(dispatch, Dispatch) and dispatch.run_id == run_id
+
+
+async def test_connection_without_the_subprotocol_is_refused(hub: str) -> None:
+    url = hub.replace("http://", "ws://") + "/v1/connect"
+    with pytest.raises(InvalidStatus):
+        async with connect(url, ping_interval=None):
+            pass
