@@ -7,6 +7,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+import signal
 import socket
 from collections.abc import AsyncIterator
 from typing import Any
@@ -138,6 +139,11 @@ class Hub:
     def run(self) -> None:
         """Serve until SIGINT/SIGTERM (uvicorn installs the handlers)."""
         self._server = uvicorn.Server(self._config())
+        # uvicorn re-raises the signal that stopped it once it has shut down, to the handler
+        # that was installed before it ran. A clean shutdown is exit status 0, so that handler
+        # does nothing.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: None)
         self._server.run()
 
     @contextlib.asynccontextmanager
