@@ -315,3 +315,44 @@ async def test_connection_without_the_subprotocol_is_refused(hub: str) -> None:
     with pytest.raises(InvalidStatus):
         async with connect(url, ping_interval=None):
             pass
+
+
+async def test_metrics_after_real_runs_parse_as_prometheus_text(
+    hub: str, api: httpx.AsyncClient
+) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    info = FunctionInfo(name="t.f", retries=1, backoff=0.01)
+    async with light_runner(hub, functions=[info]) as runner:
+        ok, bad = await submit(api), await submit(api)
+        acks = 0
+        while acks < 3:  # ok succeeds; bad fails, is retried once, fails for good
+            message = await runner.recv()
+            if isinstance(message, ResultAck):
+                acks += 1
+            elif isinstance(message, Dispatch) and message.run_id == ok:
+                await runner.result(ok, message.attempt, 1)
+            elif isinstance(message, Dispatch):
+                await runner.result(bad, message.attempt, error=ErrorInfo(type="E", message="x"))
+        with anyio.fail_after(5 * UNIT):  # the gap histogram needs two heartbeats
+            while (await api.get("/v1/runners")).json()["runners"][0]["heartbeat"]["count"] < 2:
+                await anyio.sleep(0.01)
+        response = await api.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(response.text)
+        for s in family.samples
+    }
+    f = (("function", "t.f"),)
+    assert samples[("tether_runs_submitted_total", f)] == 2
+    assert samples[("tether_runs_started_total", f)] == 3
+    assert samples[("tether_runs_succeeded_total", f)] == 1
+    assert samples[("tether_runs_retried_total", f)] == 1
+    assert samples[("tether_runs_failed_total", f)] == 1
+    assert samples[("tether_run_duration_seconds_count", f)] == 1
+    assert samples[("tether_run_queue_wait_seconds_count", f)] == 3
+    assert samples[("tether_runners_connected", ())] == 1
+    assert samples[("tether_heartbeat_gap_seconds_count", ())] >= 1
+    assert samples[("tether_queue_depth", (("queue", "default"),))] == 0

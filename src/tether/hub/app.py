@@ -34,6 +34,7 @@ from ..protocol import (
     ProtocolFailure,
     Welcome,
 )
+from .metrics import CONTENT_TYPE
 from .scheduler import Scheduler, Session, SubmitRequest
 
 __all__ = ["create_app"]
@@ -212,6 +213,16 @@ def create_app(
             }
         )
 
+    @api
+    async def metrics(request: Request) -> Response:
+        running = len(scheduler.leases)
+        body = scheduler.metrics.render(
+            runners=len(scheduler.sessions),
+            queue_depths=scheduler.queue_depths(),
+            unfinished=lambda: {"queued": len(scheduler.runs) - running, "running": running},
+        )
+        return Response(body, media_type=CONTENT_TYPE)
+
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
@@ -236,6 +247,7 @@ def create_app(
             Route("/v1/runners", runners, methods=["GET"]),
             Route("/v1/functions", functions, methods=["GET"]),
             Route("/v1/status", status, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
             WebSocketRoute("/v1/connect", connect),
         ],
@@ -363,6 +375,8 @@ async def _serve_runner(
                 break
             if isinstance(event, Heartbeat):
                 link.send(conn.ack_heartbeat(event))
+                if conn.heartbeats.last_gap_ms is not None:
+                    scheduler.metrics.heartbeat_gap.observe(conn.heartbeats.last_gap_ms / 1000)
             else:
                 scheduler.on_message(session, event)
     except (WebSocketDisconnect, OSError):

@@ -41,12 +41,14 @@ from ..protocol import (
     RunRef,
     encode,
 )
+from .metrics import HubMetrics
 from .storage import StoreThread
 from .store import NewRun, RunRecord, new_run_id
 
 __all__ = ["HubTimings", "Scheduler", "Session", "SubmitRequest"]
 
 log = logging.getLogger("tether.hub")
+run_log = logging.getLogger("tether.runs")
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -181,7 +183,7 @@ class Scheduler:
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self.counters: collections.Counter[str] = collections.Counter()
+        self.metrics = HubMetrics()
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -249,7 +251,8 @@ class Scheduler:
                 run = _Run.from_record(record)
                 self.runs[run.id] = run
                 self._enqueue(run)
-                self.counters["submitted"] += 1
+                self.metrics.submitted.labels(run.function).inc()
+                _log_run(run, "queued")
         self.wake()
         return stored
 
@@ -286,7 +289,8 @@ class Scheduler:
                     session.send(Cancel(run_id=run_id, attempt=lease.ref.attempt))
             else:
                 self._unqueue(run)
-            self.counters["cancelled"] += 1
+            self.metrics.cancelled.labels(run.function).inc()
+            _log_run(run, "cancelled")
             self._finished(run_id)
             self.wake()
         return record
@@ -372,7 +376,11 @@ class Scheduler:
                             timeout=timeout,
                         )
                     )
-                    self.counters["dispatched"] += 1
+                    self.metrics.started.labels(run.function).inc()
+                    self.metrics.queue_wait.labels(run.function).observe(
+                        max(0.0, now - run.not_before)
+                    )
+                    _log_run(run, "running", runner=session.runner_id)
 
     async def _clock_loop(self) -> None:
         tick = min(0.05, self.timings.heartbeat_interval / 2)
@@ -396,7 +404,7 @@ class Scheduler:
                     session.runner_id,
                     self.timings.heartbeat_timeout,
                 )
-                self.counters["runners_lost"] += 1
+                self.metrics.runners_lost.inc()
                 session.close(CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout")
                 self.detach(session)
                 # It was silent for a whole timeout already: its runs go back now.
@@ -428,7 +436,8 @@ class Scheduler:
         if run.losses >= self.timings.max_deliveries:
             await self._fail(run, ref.attempt, error)
             return
-        self.counters["requeued"] += 1
+        self.metrics.lost.labels(run.function).inc()
+        _log_run(run, "queued", reason=why)
         await self.storage.call(
             self.store.requeue, run.id, ref.attempt, not_before=time.time(), error=error
         )
@@ -441,7 +450,8 @@ class Scheduler:
             self.store.finish, run.id, attempt, "failed", error=error, now=time.time()
         )
         self.runs.pop(run.id, None)
-        self.counters["failed"] += 1
+        self.metrics.failed.labels(run.function).inc()
+        _log_run(run, "failed", error=error["type"])
         self._finished(run.id)
 
     # -- runners ------------------------------------------------------------------------------
@@ -468,7 +478,6 @@ class Scheduler:
                 session.take(ref.run_id, ref.attempt, run.function)
             else:
                 session.send(LeaseLost(run_id=ref.run_id, attempt=ref.attempt, reason="stale"))
-        self.counters["runners_connected"] += 1
         log.info(
             "runner %s connected from %s (pid %d, %d slots, %d functions)",
             session.runner_id,
@@ -542,7 +551,7 @@ class Scheduler:
                 result.attempt,
                 session.runner_id,
             )
-            self.counters["fenced"] += 1
+            self.metrics.fenced.inc()
             session.send(ResultAck(run_id=result.run_id, attempt=result.attempt))
             return
         lease = self.leases.release(run.id)
@@ -556,7 +565,9 @@ class Scheduler:
                 self.store.finish, run.id, ref.attempt, "succeeded", result=result.value, now=now
             )
             self.runs.pop(run.id, None)
-            self.counters["succeeded"] += 1
+            self.metrics.succeeded.labels(run.function).inc()
+            self.metrics.duration.labels(run.function).observe(result.duration_ms / 1000)
+            _log_run(run, "succeeded", duration_ms=result.duration_ms)
             self._finished(run.id)
         else:
             assert result.error is not None
@@ -574,16 +585,9 @@ class Scheduler:
                 await self.storage.call(
                     self.store.requeue, run.id, ref.attempt, not_before=run.not_before, error=error
                 )
-                self.counters["retried"] += 1
-                log.info(
-                    "run %s attempt %d failed (%s); retry %d/%d in %.2fs",
-                    run.id,
-                    ref.attempt,
-                    error["type"],
-                    run.failures,
-                    retries,
-                    delay,
-                )
+                self.metrics.retried.labels(run.function).inc()
+                _log_run(run, "queued", error=error["type"], retry=f"{run.failures}/{retries}",
+                         delay_s=delay)  # fmt: skip
                 self._enqueue(run)
             else:
                 await self._fail(run, ref.attempt, error)
@@ -619,6 +623,20 @@ class Scheduler:
                 }
             )
         return views
+
+
+def _log_run(run: _Run, state: str, **details: Any) -> None:
+    """One log line per state change of a run; the fields are structured for JSON logs."""
+    if not run_log.isEnabledFor(logging.INFO):
+        return
+    extra = {"run_id": run.id, "function": run.function, "attempt": run.attempt, **details}
+    shown = " ".join(
+        f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in details.items()
+    )
+    run_log.info(
+        "run %s %s: %s (attempt %d)%s", run.id, run.function, state, run.attempt,
+        f" {shown}" if shown else "", extra={"state": state, **extra},
+    )  # fmt: skip
 
 
 def _round(value: float | None) -> float | None:

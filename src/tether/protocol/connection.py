@@ -179,12 +179,14 @@ class HeartbeatStats:
     first_at: float | None = None
     last_at: float | None = None
     max_gap_ms: float = 0.0
+    last_gap_ms: float | None = None
     recent_gaps_ms: deque[float] = dataclasses.field(default_factory=lambda: deque(maxlen=4096))
 
     def record(self, now: float) -> float | None:
         gap = None
         if self.last_at is not None:
             gap = (now - self.last_at) * 1000
+            self.last_gap_ms = gap
             self.max_gap_ms = max(self.max_gap_ms, gap)
             self.recent_gaps_ms.append(gap)
         else:
