@@ -124,25 +124,166 @@ def server(config_path: str | None, **flags: Any) -> None:
 @click.option("--runner-id", default=None, help="Stable id for this runner [host-pid-random].")
 @click.option("--drain-grace", type=float, default=None, help="Seconds to finish work [30].")
 @click.option("--ca", default=None, help="CA bundle to verify an https/wss hub.")
+@click.option(
+    "--set",
+    "sets",
+    multiple=True,
+    metavar="FUNCTION.OPTION=VALUE",
+    help="Override one function's option, e.g. --set app.tasks.resize.timeout=60.",
+)
+@click.option("--check", is_flag=True, help="Load and resolve everything, print it, exit.")
+@click.option("--json", "as_json", is_flag=True, help="With --check: print JSON.")
 @_with(log_options)
-def worker(modules: tuple[str, ...], config_path: str | None, **flags: Any) -> None:
+def worker(
+    modules: tuple[str, ...],
+    config_path: str | None,
+    sets: tuple[str, ...],
+    check: bool,
+    as_json: bool,
+    **flags: Any,
+) -> None:
     """Start a runner serving the tasks in MODULES (e.g. app.tasks)."""
     from ._logging import configure_logging
+    from .config import function_layers
     from .runner.worker import Runner
 
     try:
         file = load_config_file(find_config_file(config_path))
-        settings = resolve_settings(
+        sourced = resolve_settings(
             WorkerSettings, "worker", file, flags={"modules": modules, **flags}
-        ).settings
-        configure_logging(settings.log_level, settings.log_format)
+        )
+        settings = sourced.settings
+        configure_logging("warning" if check else settings.log_level, settings.log_format)
         runner = Runner(
-            settings.modules, functions=file.sections.get("functions"), **settings.runner_kwargs()
+            settings.modules,
+            function_layers=function_layers(file, sets=sets),
+            **settings.runner_kwargs(),
         )
         runner.load()
     except TetherError as exc:
+        if check and as_json:
+            click.echo(json.dumps({"ok": False, "error": str(exc)}, indent=2))
+            sys.exit(2 if isinstance(exc, ConfigError) else 1)
         raise _fail(exc) from None
+    if check:
+        report = _check_report(file.path, sourced.settings, sourced.sources, runner)
+        click.echo(json.dumps(report, indent=2) if as_json else _render_check(report))
+        return
     sys.exit(runner.run())
+
+
+def _check_report(path: Any, settings: Any, sources: dict[str, str], runner: Any) -> Any:
+    import dataclasses
+
+    return {
+        "ok": True,
+        "config_file": None if path is None else str(path),
+        "settings": {
+            name: {"value": value, "source": sources[name]}
+            for name, value in dataclasses.asdict(settings).items()
+            if name != "token"
+        }
+        | ({"token": {"value": "***", "source": sources["token"]}} if settings.token else {}),
+        "functions": [
+            {
+                "name": name,
+                "isolation": fn.spec.isolation,
+                "configured_isolation": fn.configured,
+                "reason": fn.reason,
+                "options": {
+                    option: {"value": value, "source": fn.sources.get(option, "decorator")}
+                    for option, value in fn.spec.options().items()
+                },
+            }
+            for name, fn in sorted(runner.resolved.items())
+        ],
+    }
+
+
+def _render_check(report: dict[str, Any]) -> str:
+    """The --check report as text: settings with sources, then one row per function; a value
+    that does not come from the decorator is marked with its source."""
+    lines = [f"config file: {report['config_file'] or '(none)'}", "", "worker settings:"]
+    for name, item in report["settings"].items():
+        lines.append(f"  {name:<14} {json.dumps(item['value']):<32} {item['source']}")
+    columns = ["concurrency", "timeout", "retries", "backoff", "queue", "max_runs", "fresh"]
+    rows = [["function", "isolation", *columns]]
+    notes = []
+    for fn in report["functions"]:
+        row = [fn["name"], fn["isolation"]]
+        for option in columns:
+            item = fn["options"][option]
+            value = "-" if item["value"] is None else str(item["value"]).lower()
+            if item["source"] != "decorator":
+                marker = item["source"].split()[0]  # env / flag / the file's path
+                value += f" [{'file' if marker not in ('env', 'flag') else marker}]"
+            row.append(value)
+        rows.append(row)
+        source = fn["options"]["isolation"]["source"]
+        configured = f"configured {fn['configured_isolation']!r} ({source})"
+        notes.append(f"  {fn['name']}: {configured}; {fn['reason']}")
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines += ["", f"functions: {len(report['functions'])}"]
+    for row in rows:
+        lines.append("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
+    lines += ["", "isolation:", *notes, "", "ok: every function loads and can run as configured"]
+    return "\n".join(lines)
+
+
+@main.group()
+def config() -> None:
+    """Inspect configuration."""
+
+
+@config.command("show")
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def config_show(config_path: str | None, as_json: bool) -> None:
+    """Print the effective server and worker settings, each with its source."""
+    import dataclasses
+
+    from .config import function_layers
+
+    try:
+        file = load_config_file(find_config_file(config_path))
+        server = resolve_settings(ServerSettings, "server", file)
+        worker_ = resolve_settings(WorkerSettings, "worker", file)
+        layers = function_layers(file)
+    except TetherError as exc:
+        raise _fail(exc) from None
+
+    def table(sourced: Any) -> dict[str, Any]:
+        values = dataclasses.asdict(sourced.settings)
+        for secret in ("token", "runner_token"):
+            if values.get(secret):
+                values[secret] = "***"
+        return {k: {"value": v, "source": sourced.sources[k]} for k, v in values.items()}
+
+    functions: dict[str, dict[str, Any]] = {}
+    for label, layer in layers:
+        for name, options in layer.items():
+            for option, value in options.items():
+                functions.setdefault(name, {})[option] = {"value": value, "source": label}
+    report: dict[str, Any] = {
+        "config_file": None if file.path is None else str(file.path),
+        "server": table(server),
+        "worker": table(worker_),
+        "functions": functions,
+    }
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"# config file: {report['config_file'] or '(none)'}")
+    for section in ("server", "worker"):
+        click.echo(f"\n[{section}]")
+        for name, item in report[section].items():
+            shown = f"{name} = {json.dumps(item['value'])}"
+            click.echo(f"{shown:<48} # {item['source']}")
+    for name, options in functions.items():
+        click.echo(f'\n[functions."{name}"]')
+        for option, item in options.items():
+            shown = f"{option} = {json.dumps(item['value'])}"
+            click.echo(f"{shown:<48} # {item['source']}")
 
 
 def _client(hub: str, token: str | None) -> Any:

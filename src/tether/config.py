@@ -17,11 +17,12 @@ Every error names the file (or variable), the key, and what was expected.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tomllib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,6 +35,7 @@ __all__ = [
     "Sourced",
     "WorkerSettings",
     "find_config_file",
+    "function_layers",
     "load_config_file",
     "resolve_settings",
 ]
@@ -261,5 +263,49 @@ def resolve_settings[S](
             continue
         values[name] = _coerce(hints[name], list(value) if isinstance(value, tuple) else value,
                                from_text=True)  # fmt: skip
-        sources[name] = "flag --" + name.replace("_", "-")
+        sources[name] = "flag --" + name.replace("_", "-") if name != "modules" else "arguments"
     return Sourced(cls(**values), sources)
+
+
+type Overrides = dict[str, dict[str, Any]]
+
+
+def function_layers(
+    file: ConfigFile,
+    *,
+    env: Mapping[str, str] | None = None,
+    sets: Sequence[str] = (),
+) -> list[tuple[str, Overrides]]:
+    """Per-function overrides, lowest precedence first, each labelled with where it came from:
+    the file's ``[functions."name"]`` tables, ``TETHER_FUNCTIONS`` (a JSON object of the same
+    shape), then ``--set NAME.OPTION=VALUE`` flags."""
+    env = os.environ if env is None else env
+    layers: list[tuple[str, Overrides]] = []
+    table = file.sections.get("functions")
+    if table:
+        layers.append((str(file.path), {name: dict(opts) for name, opts in table.items()}))
+    if "TETHER_FUNCTIONS" in env:
+        try:
+            parsed = json.loads(env["TETHER_FUNCTIONS"])
+        except ValueError as exc:
+            raise ConfigError(f"environment variable TETHER_FUNCTIONS: not JSON: {exc}") from None
+        if not isinstance(parsed, dict) or not all(isinstance(v, dict) for v in parsed.values()):
+            raise ConfigError(
+                "environment variable TETHER_FUNCTIONS: expected a JSON object of"
+                ' {"function.name": {"option": value}}'
+            )
+        layers.append(("env TETHER_FUNCTIONS", parsed))
+    flagged: Overrides = {}
+    for item in sets:
+        key, sep, raw = item.partition("=")
+        name, dot, option = key.rpartition(".")
+        if not sep or not dot or not name or not option:
+            raise ConfigError(f"--set {item!r}: expected FUNCTION.OPTION=VALUE")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw  # a bare word such as process
+        flagged.setdefault(name, {})[option] = value
+    if flagged:
+        layers.append(("flag --set", flagged))
+    return layers

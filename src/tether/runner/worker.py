@@ -25,7 +25,7 @@ from typing import Any
 import anyio
 from anyio.from_thread import start_blocking_portal
 
-from ..app import DEFAULT_HUB, FunctionSpec, validate_options
+from ..app import DEFAULT_HUB, OPTION_NAMES, FunctionSpec, validate_options
 from ..exceptions import ConfigError, IsolationError
 from ..protocol import FunctionInfo
 from .connection import EXIT_RESTART, HubLink
@@ -44,6 +44,7 @@ class ResolvedFunction:
     spec: FunctionSpec  # spec.isolation is "subinterpreter" or "process", never "auto"
     configured: str  # the isolation asked for
     reason: str
+    sources: Mapping[str, str] = dataclasses.field(default_factory=dict)  # option -> source
 
     def info(self) -> FunctionInfo:
         s = self.spec
@@ -60,8 +61,11 @@ class ResolvedFunction:
         )
 
 
-def resolve_isolation(specs: Mapping[str, FunctionSpec]) -> dict[str, ResolvedFunction]:
+def resolve_isolation(
+    specs: Mapping[str, FunctionSpec], sources: Mapping[str, Mapping[str, str]] | None = None
+) -> dict[str, ResolvedFunction]:
     """Decide each function's backend; IsolationError for one that cannot run as configured."""
+    sources = sources or {}
     needs_probe = sorted({s.module for s in specs.values() if s.isolation != "process"})
     verdicts: dict[str, str | None] = {}
     if needs_probe:
@@ -71,7 +75,7 @@ def resolve_isolation(specs: Mapping[str, FunctionSpec]) -> dict[str, ResolvedFu
     resolved: dict[str, ResolvedFunction] = {}
     for name, spec in specs.items():
         if spec.isolation == "process":
-            resolved[name] = ResolvedFunction(spec, "process", "configured")
+            resolved[name] = ResolvedFunction(spec, "process", "configured", sources.get(name, {}))
             continue
         refusal = verdicts.get(spec.module)
         if refusal is None:
@@ -81,12 +85,15 @@ def resolve_isolation(specs: Mapping[str, FunctionSpec]) -> dict[str, ResolvedFu
                 else f"auto: {spec.module} loads in an isolated subinterpreter"
             )
             resolved[name] = ResolvedFunction(
-                spec.with_options(isolation="subinterpreter"), spec.isolation, reason
+                spec.with_options(isolation="subinterpreter"),
+                spec.isolation,
+                reason,
+                sources.get(name, {}),
             )
         elif spec.isolation == "auto":
             reason = f"auto: {spec.module} cannot load in an isolated subinterpreter ({refusal})"
             resolved[name] = ResolvedFunction(
-                spec.with_options(isolation="process"), "auto", reason
+                spec.with_options(isolation="process"), "auto", reason, sources.get(name, {})
             )
         else:
             from .isolation.probe import refusing_extension
@@ -117,6 +124,7 @@ class Runner:
         max_abandoned: int = 4,
         ca: str | None = None,
         functions: Mapping[str, Mapping[str, Any]] | None = None,
+        function_layers: Sequence[tuple[str, Mapping[str, Mapping[str, Any]]]] = (),
     ) -> None:
         self.modules = list(modules)
         self.hub = hub or os.environ.get("TETHER_HUB") or DEFAULT_HUB
@@ -128,22 +136,28 @@ class Runner:
         self.drain_grace = drain_grace
         self.max_abandoned = max_abandoned
         self.ca = ca
-        self.overrides = {k: dict(v) for k, v in (functions or {}).items()}
+        # Per-function overrides, lowest precedence first, each labelled with its source.
+        self.function_layers = [("functions", functions)] if functions else []
+        self.function_layers += list(function_layers)
         self.resolved: dict[str, ResolvedFunction] = {}
         self.link: HubLink | None = None
 
     def load(self) -> dict[str, ResolvedFunction]:
         """Import the modules, apply per-function overrides, resolve isolation."""
         specs = load_tasks(self.modules)
-        for name, options in self.overrides.items():
-            if name not in specs:
-                raise ConfigError(
-                    f"[functions.{name!r}]: no loaded module defines a task named {name!r}"
-                    f" (loaded: {', '.join(sorted(specs))})"
-                )
-            validate_options(f"[functions.{name!r}]", options)
-            specs[name] = specs[name].with_options(**options)
-        self.resolved = resolve_isolation(specs)
+        sources = {name: dict.fromkeys(OPTION_NAMES, "decorator") for name in specs}
+        for label, layer in self.function_layers:
+            for name, options in layer.items():
+                where = f'{label}: [functions."{name}"]'
+                if name not in specs:
+                    raise ConfigError(
+                        f"{where}: no loaded module defines a task named {name!r}"
+                        f" (loaded: {', '.join(sorted(specs))})"
+                    )
+                validate_options(where, options)
+                specs[name] = specs[name].with_options(**options)
+                sources[name].update(dict.fromkeys(options, label))
+        self.resolved = resolve_isolation(specs, sources)
         return self.resolved
 
     def _backends(self) -> dict[str, Backend]:
