@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -117,6 +118,8 @@ class Cluster:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.procs: list[Proc] = []
+        self.ca: str | None = None  # CA bundle for a hub serving https
+        self.token: str | None = None  # producer token for a hub that needs one
         self._hubs = 0
         self._runners = 0
 
@@ -135,9 +138,15 @@ class Cluster:
         assert proc.alive(), proc.output()
         return proc
 
+    def http(self) -> httpx.Client:
+        verify = ssl.create_default_context(cafile=self.ca) if self.ca else True
+        headers = {"authorization": f"Bearer {self.token}"} if self.token else {}
+        return httpx.Client(base_url=self.url, verify=verify, headers=headers, timeout=5)
+
     def healthy(self) -> bool:
         try:
-            return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
+            with self.http() as http:
+                return http.get("/healthz").status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -162,7 +171,8 @@ class Cluster:
 
     def runners(self) -> list[dict[str, Any]]:
         try:
-            response = httpx.get(f"{self.url}/v1/runners", timeout=2)
+            with self.http() as http:
+                response = http.get("/v1/runners")
         except httpx.HTTPError:
             return []
         return list(response.json()["runners"]) if response.status_code == 200 else []
@@ -171,7 +181,8 @@ class Cluster:
         return {r["id"] for r in self.runners()}
 
     def run(self, run_id: str) -> dict[str, Any]:
-        return dict(httpx.get(f"{self.url}/v1/runs/{run_id}", timeout=5).json())
+        with self.http() as http:
+            return dict(http.get(f"/v1/runs/{run_id}").json())
 
     def cli(self, *args: str, timeout: float = 60 * UNIT) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

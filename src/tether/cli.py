@@ -70,6 +70,9 @@ hub_option = click.option(
 token_option = click.option(
     "--token", envvar="TETHER_TOKEN", default=None, help="Bearer token (env TETHER_TOKEN)."
 )
+ca_option = click.option(
+    "--ca", envvar="TETHER_CA", default=None, help="CA bundle to verify an https hub."
+)
 
 
 def _with(options: Sequence[Callable[[Any], Any]]) -> Callable[[Any], Any]:
@@ -99,6 +102,8 @@ def main() -> None:
 @click.option("--token", default=None, help="Token producers and runners must present.")
 @click.option("--runner-token", default=None, help="A separate token for runners only.")
 @click.option("--fsync/--no-fsync", default=None, help="fsync every commit (survive power loss).")
+@click.option("--tls-cert", default=None, help="Certificate (PEM) to serve https/wss.")
+@click.option("--tls-key", default=None, help="Private key (PEM) for --tls-cert.")
 @_with(log_options)
 def server(config_path: str | None, **flags: Any) -> None:
     """Start a hub: the HTTP API and the runner endpoint on one port."""
@@ -286,10 +291,10 @@ def config_show(config_path: str | None, as_json: bool) -> None:
             click.echo(f"{shown:<48} # {item['source']}")
 
 
-def _client(hub: str, token: str | None) -> Any:
+def _client(hub: str, token: str | None, ca: str | None) -> Any:
     from .client import Client
 
-    return Client(hub, token=token)
+    return Client(hub, token=token, ca=ca)
 
 
 def _echo_json(value: Any) -> None:
@@ -308,6 +313,7 @@ def _echo_json(value: Any) -> None:
 @click.option("--timeout", type=float, default=None, help="Seconds to wait with --wait.")
 @hub_option
 @token_option
+@ca_option
 def submit(
     function: str,
     args: tuple[str, ...],
@@ -320,6 +326,7 @@ def submit(
     timeout: float | None,
     hub: str,
     token: str | None,
+    ca: str | None,
 ) -> None:
     """Submit FUNCTION(ARGS...); each ARG is parsed as JSON, else taken as a string."""
     keywords: dict[str, Any] = {}
@@ -330,7 +337,7 @@ def submit(
         keywords[key] = parse_arg(value)
     values = [parse_arg(a) for a in args]
     try:
-        with _client(hub, token) as client:
+        with _client(hub, token, ca) as client:
             handles = []
             with click.progressbar(
                 length=count, label="submitting", file=sys.stderr, hidden=count < 100
@@ -376,12 +383,19 @@ def submit(
 @click.option("--json", "as_json", is_flag=True, help="Print the whole run as JSON.")
 @hub_option
 @token_option
+@ca_option
 def result(
-    run_id: str, wait: bool, timeout: float | None, as_json: bool, hub: str, token: str | None
+    run_id: str,
+    wait: bool,
+    timeout: float | None,
+    as_json: bool,
+    hub: str,
+    token: str | None,
+    ca: str | None,
 ) -> None:
     """Print a run's result (or its state, or its error)."""
     try:
-        with _client(hub, token) as client:
+        with _client(hub, token, ca) as client:
             view = client.wait(run_id, timeout) if wait else client.run(run_id)
     except TetherError as exc:
         raise _fail(exc) from None
@@ -438,10 +452,13 @@ def _render_status(status: dict[str, Any]) -> str:
 @click.option("--watch", type=float, default=None, metavar="SECONDS", help="Refresh every N s.")
 @hub_option
 @token_option
-def status(as_json: bool, watch: float | None, hub: str, token: str | None) -> None:
+@ca_option
+def status(
+    as_json: bool, watch: float | None, hub: str, token: str | None, ca: str | None
+) -> None:
     """Show runners, functions, queue depths and runs by state."""
     try:
-        with _client(hub, token) as client:
+        with _client(hub, token, ca) as client:
             while True:
                 current = client.status()
                 if as_json:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any, Self
@@ -51,12 +52,15 @@ class BaseClient:
         *,
         token: str | None = None,
         timeout: float = 10.0,
-        verify: str | bool = True,
+        ca: str | None = None,
+        verify: ssl.SSLContext | bool = True,
     ) -> None:
         self.hub = (hub or os.environ.get("TETHER_HUB") or DEFAULT_HUB).rstrip("/")
         self.token = token if token is not None else os.environ.get("TETHER_TOKEN") or None
         self.timeout = timeout
-        self.verify = verify
+        ca = ca or os.environ.get("TETHER_CA") or None
+        # ``ca``: a CA bundle to trust for an https hub (a private CA, a self-signed hub).
+        self.verify = ssl.create_default_context(cafile=ca) if ca else verify
 
     def _headers(self) -> dict[str, str]:
         return {"authorization": f"Bearer {self.token}"} if self.token else {}

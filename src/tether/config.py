@@ -59,6 +59,8 @@ class ServerSettings:
     token: str | None = None
     runner_token: str | None = None
     fsync: bool = False
+    tls_cert: str | None = None
+    tls_key: str | None = None
     log_level: str = "info"
     log_format: LogFormat = "text"
 

@@ -56,7 +56,14 @@ class Hub:
         token: str | None = None,
         runner_token: str | None = None,
         fsync: bool = False,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
     ) -> None:
+        if bool(tls_cert) != bool(tls_key):
+            raise ConfigError("TLS needs both tls_cert and tls_key (--tls-cert and --tls-key)")
+        for what, path in (("tls_cert", tls_cert), ("tls_key", tls_key)):
+            if path and not os.path.isfile(path):
+                raise ConfigError(f"{what}: no such file {path!r}")
         if heartbeat_timeout <= heartbeat_interval:
             raise ConfigError(
                 f"heartbeat_timeout ({heartbeat_timeout}s) must be longer than"
@@ -82,12 +89,16 @@ class Hub:
         # A runner may present the runner token or the (more powerful) producer token.
         self.runner_tokens = tuple(t for t in (runner_token, token) if t)
         self.fsync = fsync
+        self.tls_cert = tls_cert
+        self.tls_key = tls_key
         self.scheduler: Scheduler | None = None
         self._server: uvicorn.Server | None = None
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        scheme = "https" if self.tls_cert else "http"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{scheme}://{host}:{self.port}"
 
     def _build(self) -> Any:
         store = open_store(self.store_url)
@@ -121,7 +132,7 @@ class Hub:
             lifespan=lifespan,
         )
 
-    def _config(self, sock: socket.socket | None = None) -> uvicorn.Config:
+    def _config(self) -> uvicorn.Config:
         return uvicorn.Config(
             self._build(),
             host=self.host,
@@ -134,6 +145,8 @@ class Hub:
             access_log=False,
             lifespan="on",
             timeout_graceful_shutdown=5,
+            ssl_certfile=self.tls_cert,
+            ssl_keyfile=self.tls_key,
         )
 
     def run(self) -> None:
