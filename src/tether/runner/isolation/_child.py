@@ -1,0 +1,130 @@
+"""The program every ``process`` unit runs, and the framing its parent shares with it.
+
+Started as ``python -m tether.runner.isolation._child READ_FD WRITE_FD`` (spawned, never
+forked). It talks to its parent over two dedicated pipes, never over stdout/stderr: those stay
+the user's, inherited from the runner, so a ``print`` in a step shows up and cannot corrupt the
+channel. Every message is one frame: a 4-byte big-endian length, then that many bytes.
+
+1. The first frame is the unit's configuration, JSON ``{"sys_path": [...], "preload": [...]}``;
+   the child answers ``{"ok": true}`` or ``{"ok": false, "module": m, "reason": r}`` and exits.
+2. Then, until end of file: read a request frame, :func:`tether._step.run_step` it, write the
+   outcome frame.
+
+It must import only the standard library, :mod:`tether._step` and the preload modules: whatever
+else it imported would be loaded (and paid for) in every unit of every runner.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Final
+
+__all__ = [
+    "MAX_FRAME",
+    "child_environment",
+    "describe_exit",
+    "main",
+    "read_frame",
+    "write_frame",
+]
+
+_HEADER: Final = 4
+MAX_FRAME: Final = 2**32 - 1  # what a 4-byte length can say
+
+
+def read_frame(fd: int) -> bytes | None:
+    """Read one frame; None on end of file (including a frame cut short by a dying peer)."""
+    header = _read_exactly(fd, _HEADER)
+    if header is None:
+        return None
+    return _read_exactly(fd, int.from_bytes(header, "big"))
+
+
+def write_frame(fd: int, payload: bytes) -> None:
+    """Write one frame; BrokenPipeError if the peer is gone."""
+    if len(payload) > MAX_FRAME:
+        raise ValueError(f"frame of {len(payload)} bytes exceeds the limit of {MAX_FRAME}")
+    data = memoryview(len(payload).to_bytes(_HEADER, "big") + payload)
+    while data:
+        data = data[os.write(fd, data) :]
+
+
+def _read_exactly(fd: int, size: int) -> bytes | None:
+    chunks: list[bytes] = []
+    while size:
+        chunk = os.read(fd, min(size, 1 << 20))
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
+def child_environment() -> dict[str, str]:
+    """The environment for a child started with ``python -m tether.runner.isolation...``.
+
+    The parent may have found ``tether`` through a ``sys.path`` entry the child's interpreter
+    would not have at start-up (a source checkout, a path added at run time), so the directory
+    holding the ``tether`` package goes first on ``PYTHONPATH``.
+    """
+    root = str(Path(__file__).resolve().parents[3])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def describe_exit(returncode: int | None) -> str:
+    """``"killed by SIGSEGV"``, ``"exit code 3"``: how a unit process ended."""
+    if returncode is None:
+        return "still running"
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit code {returncode}"
+
+
+def main(argv: Sequence[str]) -> int:
+    read_fd, write_fd = int(argv[0]), int(argv[1])
+    # Ctrl-C in a terminal signals the whole process group: the runner drains on it and lets
+    # in-flight steps finish, so the unit must not die of it; the runner stops it by closing
+    # its pipe (or with SIGTERM/SIGKILL).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    from tether._step import run_step
+    from tether.runner.isolation._preload import import_modules
+
+    init = read_frame(read_fd)
+    if init is None:
+        return 0
+    config = json.loads(init)
+    failed = import_modules(config["sys_path"], config["preload"])
+    if failed is not None:
+        module, reason = failed
+        answer = {"ok": False, "module": module, "reason": reason}
+        write_frame(write_fd, json.dumps(answer).encode())
+        return 1
+    write_frame(write_fd, b'{"ok":true}')
+    while (request := read_frame(read_fd)) is not None:
+        outcome = run_step(request)
+        # A killed unit loses what it buffered: flush the step's prints before answering.
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass  # the user closed or broke it; the outcome still matters
+        try:
+            write_frame(write_fd, outcome)
+        except BrokenPipeError:
+            return 0  # the runner went away: nobody to answer
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
