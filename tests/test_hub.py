@@ -356,3 +356,22 @@ async def test_metrics_after_real_runs_parse_as_prometheus_text(
     assert samples[("tether_runners_connected", ())] == 1
     assert samples[("tether_heartbeat_gap_seconds_count", ())] >= 1
     assert samples[("tether_queue_depth", (("queue", "default"),))] == 0
+
+
+async def test_heartbeat_record_spans_a_reconnect(hub: str, api: httpx.AsyncClient) -> None:
+    async def heartbeat() -> dict[str, float]:
+        [view] = (await api.get("/v1/runners")).json()["runners"]
+        return dict(view["heartbeat"])
+
+    async with light_runner(hub, "r"):
+        with anyio.fail_after(5 * UNIT):
+            while (await heartbeat())["count"] < 3:
+                await anyio.sleep(0.01)
+        before = await heartbeat()
+    await anyio.sleep(0.3)  # the time away is the scenario itself, not a wait for a condition
+    async with light_runner(hub, "r"):
+        with anyio.fail_after(5 * UNIT):
+            while (after := await heartbeat())["count"] <= before["count"]:
+                await anyio.sleep(0.01)
+    assert after["max_gap_ms"] >= 300  # the record continued: the gap spans the time away
+    assert before["max_gap_ms"] < 300

@@ -31,6 +31,7 @@ from ..protocol import (
     Extend,
     Extended,
     FunctionInfo,
+    HeartbeatStats,
     HubConnection,
     LeaseLost,
     LeaseTable,
@@ -180,6 +181,9 @@ class Scheduler:
         self._serving: dict[str, set[str]] = collections.defaultdict(set)  # function -> runners
         self.functions: dict[str, dict[str, Any]] = {}  # every function ever registered
         self.leases = LeaseTable()
+        # Heartbeat statistics of runners that disconnected, by runner id: a runner that comes
+        # back continues its record, so a gap spans the time it was away (or declared dead).
+        self._heartbeat_history: dict[str, HeartbeatStats] = {}
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -463,6 +467,9 @@ class Scheduler:
             previous.close(CloseCode.SUPERSEDED, "the same runner connected again")
             self.detach(previous)
         self.sessions[session.runner_id] = session
+        kept = self._heartbeat_history.pop(session.runner_id, None)
+        if kept is not None and kept.interval_ms == session.conn.heartbeats.interval_ms:
+            session.conn.heartbeats = kept
         for name in session.functions:
             self._serving[name].add(session.runner_id)
         infos = {f.name: dataclasses.asdict(f) for f in session.hello.functions}
@@ -496,6 +503,12 @@ class Scheduler:
         del self.sessions[session.runner_id]
         for name in session.functions:
             self._serving[name].discard(session.runner_id)
+        now = time.monotonic()
+        self._heartbeat_history[session.runner_id] = session.conn.heartbeats
+        forget = now - 60 * self.timings.heartbeat_timeout
+        for runner_id, stats in list(self._heartbeat_history.items()):
+            if stats.last_at is None or stats.last_at < forget:
+                del self._heartbeat_history[runner_id]
         deadline = time.monotonic() + self.timings.heartbeat_timeout
         for lease in self.leases.held_by(session.runner_id):
             lease.expires_at = min(lease.expires_at, deadline)
