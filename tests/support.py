@@ -14,10 +14,11 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 
 FACTOR = float(os.environ.get("TETHER_TEST_TIMEOUT_FACTOR", "1"))
@@ -197,3 +198,17 @@ class Cluster:
     def close(self) -> None:
         for proc in reversed(self.procs):
             proc.kill()
+
+
+async def apoll[T](
+    what: str, check: Callable[[], Awaitable[T]], timeout: float = 20 * UNIT, every: float = 0.01
+) -> T:
+    """:func:`poll` for async checks (an HTTP call to an in-process hub, say)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what}")
+        await anyio.sleep(every)

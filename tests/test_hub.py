@@ -14,7 +14,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Subprotocol
 
 from lightrunner import light_runner
-from support import UNIT
+from support import UNIT, apoll
 from tether.hub import Hub
 from tether.protocol import (
     SUBPROTOCOL,
@@ -61,6 +61,12 @@ async def submit(
     response = await api.post("/v1/runs", json={"function": function, "args": list(args), **body})
     assert response.status_code == 201, response.text
     return str(response.json()["id"])
+
+
+async def heartbeats(api: httpx.AsyncClient, at_least: int) -> dict[str, float] | None:
+    """The only runner's heartbeat record once it has ``at_least`` heartbeats, else None."""
+    [view] = (await api.get("/v1/runners")).json()["runners"]
+    return dict(view["heartbeat"]) if view["heartbeat"]["count"] >= at_least else None
 
 
 # -- HTTP API --------------------------------------------------------------------------------
@@ -334,9 +340,7 @@ async def test_metrics_after_real_runs_parse_as_prometheus_text(
                 await runner.result(ok, message.attempt, 1)
             elif isinstance(message, Dispatch):
                 await runner.result(bad, message.attempt, error=ErrorInfo(type="E", message="x"))
-        with anyio.fail_after(5 * UNIT):  # the gap histogram needs two heartbeats
-            while (await api.get("/v1/runners")).json()["runners"][0]["heartbeat"]["count"] < 2:
-                await anyio.sleep(0.01)
+        await apoll("two heartbeats (the gap histogram needs them)", lambda: heartbeats(api, 2))
         response = await api.get("/metrics")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
@@ -359,19 +363,10 @@ async def test_metrics_after_real_runs_parse_as_prometheus_text(
 
 
 async def test_heartbeat_record_spans_a_reconnect(hub: str, api: httpx.AsyncClient) -> None:
-    async def heartbeat() -> dict[str, float]:
-        [view] = (await api.get("/v1/runners")).json()["runners"]
-        return dict(view["heartbeat"])
-
     async with light_runner(hub, "r"):
-        with anyio.fail_after(5 * UNIT):
-            while (await heartbeat())["count"] < 3:
-                await anyio.sleep(0.01)
-        before = await heartbeat()
+        before = await apoll("three heartbeats", lambda: heartbeats(api, 3))
     await anyio.sleep(0.3)  # the time away is the scenario itself, not a wait for a condition
     async with light_runner(hub, "r"):
-        with anyio.fail_after(5 * UNIT):
-            while (after := await heartbeat())["count"] <= before["count"]:
-                await anyio.sleep(0.01)
+        after = await apoll("more heartbeats", lambda: heartbeats(api, before["count"] + 1))
     assert after["max_gap_ms"] >= 300  # the record continued: the gap spans the time away
     assert before["max_gap_ms"] < 300
