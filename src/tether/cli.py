@@ -63,9 +63,8 @@ log_options = [
 hub_option = click.option(
     "--hub",
     envvar="TETHER_HUB",
-    default=DEFAULT_HUB,
-    show_default=True,
-    help="Hub URL (env TETHER_HUB).",
+    default=None,
+    help=f"Hub URL (env TETHER_HUB; else the config file's [worker] hub; else {DEFAULT_HUB}).",
 )
 token_option = click.option(
     "--token", envvar="TETHER_TOKEN", default=None, help="Bearer token (env TETHER_TOKEN)."
@@ -128,6 +127,12 @@ def server(config_path: str | None, **flags: Any) -> None:
 @click.option("--token", default=None, help="Bearer token (env TETHER_TOKEN).")
 @click.option("--runner-id", default=None, help="Stable id for this runner [host-pid-random].")
 @click.option("--drain-grace", type=float, default=None, help="Seconds to finish work [30].")
+@click.option(
+    "--max-abandoned",
+    type=int,
+    default=None,
+    help="Restart after this many subinterpreters are stuck in timed-out steps [4].",
+)
 @click.option("--ca", default=None, help="CA bundle to verify an https/wss hub.")
 @click.option(
     "--set",
@@ -205,6 +210,9 @@ def _check_report(path: Any, settings: Any, sources: dict[str, str], runner: Any
     }
 
 
+_LAYER_LABELS = frozenset({"env TETHER_FUNCTIONS", "flag --set"})  # others: a file's path
+
+
 def _render_check(report: dict[str, Any]) -> str:
     """The --check report as text: settings with sources, then one row per function; a value
     that does not come from the decorator is marked with its source."""
@@ -215,13 +223,13 @@ def _render_check(report: dict[str, Any]) -> str:
     rows = [["function", "isolation", *columns]]
     notes = []
     for fn in report["functions"]:
-        row = [fn["name"], fn["isolation"]]
-        for option in columns:
+        row = [fn["name"]]
+        for option in ["isolation", *columns]:
             item = fn["options"][option]
             value = "-" if item["value"] is None else str(item["value"]).lower()
             if item["source"] != "decorator":
-                marker = item["source"].split()[0]  # env / flag / the file's path
-                value += f" [{'file' if marker not in ('env', 'flag') else marker}]"
+                marker = item["source"].split(" ", 1)[0]  # env / flag / the file's path
+                value += f" [{marker if item['source'] in _LAYER_LABELS else 'file'}]"
             row.append(value)
         rows.append(row)
         source = fn["options"]["isolation"]["source"]
@@ -291,10 +299,21 @@ def config_show(config_path: str | None, as_json: bool) -> None:
             click.echo(f"{shown:<48} # {item['source']}")
 
 
-def _client(hub: str, token: str | None, ca: str | None) -> Any:
+def _client(hub: str | None, token: str | None, ca: str | None) -> Any:
     from .client import Client
 
-    return Client(hub, token=token, ca=ca)
+    return Client(hub or _configured_hub(), token=token, ca=ca)
+
+
+def _configured_hub() -> str:
+    """The hub for submit/result/status when neither --hub nor TETHER_HUB names one: the one
+    this directory's config file points its runners at, so that a config-file deployment is
+    inspected where it is configured."""
+    file = load_config_file(find_config_file())
+    hub = file.sections.get("worker", {}).get("hub", DEFAULT_HUB)
+    if not isinstance(hub, str):
+        raise ConfigError(f"{file.where('worker')}: hub must be a string, got {hub!r}")
+    return hub
 
 
 def _echo_json(value: Any) -> None:
@@ -324,7 +343,7 @@ def submit(
     count: int,
     wait: bool,
     timeout: float | None,
-    hub: str,
+    hub: str | None,
     token: str | None,
     ca: str | None,
 ) -> None:
@@ -389,7 +408,7 @@ def result(
     wait: bool,
     timeout: float | None,
     as_json: bool,
-    hub: str,
+    hub: str | None,
     token: str | None,
     ca: str | None,
 ) -> None:
@@ -449,12 +468,18 @@ def _render_status(status: dict[str, Any]) -> str:
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.option("--watch", type=float, default=None, metavar="SECONDS", help="Refresh every N s.")
+@click.option(
+    "--watch",
+    type=click.FloatRange(min=0),
+    default=None,
+    metavar="SECONDS",
+    help="Refresh every N s.",
+)
 @hub_option
 @token_option
 @ca_option
 def status(
-    as_json: bool, watch: float | None, hub: str, token: str | None, ca: str | None
+    as_json: bool, watch: float | None, hub: str | None, token: str | None, ca: str | None
 ) -> None:
     """Show runners, functions, queue depths and runs by state."""
     try:

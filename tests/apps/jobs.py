@@ -66,3 +66,52 @@ def refuse(reason: str) -> None:
 @app.task(isolation="process")
 def boom(message: str) -> None:
     raise ValueError(message)
+
+
+def _hold_gil(seconds: float) -> int:
+    """Hold the GIL in C calls (``sum`` over a range runs without a bytecode boundary)."""
+    chunks = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        sum(range(20_000_000))
+        chunks += 1
+    return chunks
+
+
+@app.task(isolation="subinterpreter")
+def gil_in_subinterpreter(seconds: float) -> int:
+    return _hold_gil(seconds)
+
+
+@app.task(isolation="process")
+def gil_in_process(seconds: float) -> int:
+    return _hold_gil(seconds)
+
+
+@app.task(isolation="subinterpreter", timeout=0.5)
+def stuck_in_subinterpreter(release: str, started: str) -> str:
+    return str(wait_for.fn(release, started))
+
+
+@app.task(isolation="process", timeout=0.5)
+def stuck_in_process(release: str, started: str) -> str:
+    return str(wait_for.fn(release, started))
+
+
+@app.task(isolation="process")
+def segfault() -> None:
+    import ctypes
+
+    ctypes.string_at(0)
+
+
+@app.task(isolation="subinterpreter")
+def segfault_first(marker: str) -> str:
+    """The first attempt takes its whole runner down; a later one finishes."""
+    path = Path(marker)
+    if not path.exists():
+        path.write_text(str(os.getpid()))
+        import ctypes
+
+        ctypes.string_at(0)
+    return f"survived in pid {os.getpid()}"
