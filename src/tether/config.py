@@ -22,11 +22,11 @@ import os
 import tomllib
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from .app import DEFAULT_HUB, validate_options
+from .app import DEFAULT_HUB, OPTION_NAMES, validate_options
 from .exceptions import ConfigError
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
 ]
 
 LogFormat = Literal["text", "json"]
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -61,7 +62,7 @@ class ServerSettings:
     fsync: bool = False
     tls_cert: str | None = None
     tls_key: str | None = None
-    log_level: str = "info"
+    log_level: LogLevel = "info"
     log_format: LogFormat = "text"
 
     def hub_kwargs(self) -> dict[str, Any]:
@@ -82,7 +83,7 @@ class WorkerSettings:
     drain_grace: float = 30.0
     max_abandoned: int = 4
     ca: str | None = None
-    log_level: str = "info"
+    log_level: LogLevel = "info"
     log_format: LogFormat = "text"
 
     def runner_kwargs(self) -> dict[str, Any]:
@@ -148,8 +149,19 @@ def load_config_file(path: Path | None) -> ConfigFile:
         where = f'{path.name}: [{prefix}functions."{name}"]'
         if not isinstance(options, dict):
             raise ConfigError(f"{where} must be a table of options")
-        validate_options(where, options)
+        _check_options(where, options)
     return ConfigFile(path, data, prefix)
+
+
+def _check_options(where: str, options: Mapping[str, Any]) -> None:
+    """Validate one function's overrides. Unlike the decorator, an override may not change a
+    function's identity (name, module, qualname): that would point the runner elsewhere."""
+    for key in options:
+        if key not in OPTION_NAMES:
+            raise ConfigError(
+                f"{where}: unknown option {key!r}; expected one of {', '.join(OPTION_NAMES)}"
+            )
+    validate_options(where, options)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -160,7 +172,23 @@ class Sourced[S]:
     sources: dict[str, str]
 
 
-def _expected(tp: Any) -> str:
+# Settings whose type alone admits nonsense: the bound, and how to say it in an error.
+_BOUNDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "port": (lambda v: 0 <= v <= 65535, "an integer from 0 to 65535"),
+    "slots": (lambda v: v >= 1, "an integer >= 1"),
+    "max_abandoned": (lambda v: v >= 1, "an integer >= 1"),
+    "max_message_bytes": (lambda v: v >= 1, "an integer >= 1"),
+    "drain_grace": (lambda v: v >= 0, "a number of seconds >= 0"),
+    **dict.fromkeys(
+        ("heartbeat_interval", "heartbeat_timeout", "lease", "handshake_timeout"),
+        (lambda v: v > 0, "a number of seconds > 0"),
+    ),
+}
+
+
+def _expected(tp: Any, name: str | None = None) -> str:
+    if name in _BOUNDS:
+        return _BOUNDS[name][1]
     names = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -182,9 +210,10 @@ def _coerce(tp: Any, value: Any, *, from_text: bool) -> Any:
         inner = [a for a in typing.get_args(tp) if a is not type(None)]
         return _coerce(inner[0], value, from_text=from_text)
     if origin is Literal:
-        if value not in typing.get_args(tp):
+        choice = value.lower() if isinstance(value, str) else value  # INFO, JSON, ... too
+        if choice not in typing.get_args(tp):
             raise ValueError
-        return value
+        return choice
     if origin is list:
         if from_text and isinstance(value, str):
             return [part for part in value.replace(",", " ").split() if part]
@@ -221,6 +250,14 @@ def _coerce(tp: Any, value: Any, *, from_text: bool) -> Any:
     raise TypeError(f"unsupported settings type {tp!r}")  # a bug in this module
 
 
+def _setting(hints: Mapping[str, Any], name: str, value: Any, *, from_text: bool) -> Any:
+    """``value`` checked for setting ``name``: its type, then its bounds; ValueError if bad."""
+    result = _coerce(hints[name], value, from_text=from_text)
+    if result is not None and name in _BOUNDS and not _BOUNDS[name][0](result):
+        raise ValueError
+    return result
+
+
 def resolve_settings[S](
     cls: type[S],
     section: str,
@@ -243,33 +280,42 @@ def resolve_settings[S](
                 f" {', '.join(sorted(fields))}"
             )
         try:
-            values[key] = _coerce(hints[key], value, from_text=False)
+            values[key] = _setting(hints, key, value, from_text=False)
         except ValueError:
             raise ConfigError(
-                f"{file.where(section)}: {key} must be {_expected(hints[key])}, got {value!r}"
+                f"{file.where(section)}: {key} must be {_expected(hints[key], key)}, got {value!r}"
             ) from None
         sources[key] = str(file.path)
     for name in sorted(fields):
         var = f"TETHER_{name.upper()}"
         if var in env:
             try:
-                values[name] = _coerce(hints[name], env[var], from_text=True)
+                values[name] = _setting(hints, name, env[var], from_text=True)
             except ValueError:
                 raise ConfigError(
-                    f"environment variable {var}: expected {_expected(hints[name])},"
+                    f"environment variable {var}: expected {_expected(hints[name], name)},"
                     f" got {env[var]!r}"
                 ) from None
             sources[name] = f"env {var}"
     for name, value in (flags or {}).items():
         if value is None or value == () or value == []:
             continue
-        values[name] = _coerce(hints[name], list(value) if isinstance(value, tuple) else value,
-                               from_text=True)  # fmt: skip
-        sources[name] = "flag --" + name.replace("_", "-") if name != "modules" else "arguments"
+        flag = "--" + name.replace("_", "-")
+        try:
+            values[name] = _setting(
+                hints, name, list(value) if isinstance(value, tuple) else value, from_text=True
+            )
+        except ValueError:
+            raise ConfigError(
+                f"{flag}: expected {_expected(hints[name], name)}, got {value!r}"
+            ) from None
+        sources[name] = "flag " + flag if name != "modules" else "arguments"
     return Sourced(cls(**values), sources)
 
 
 type Overrides = dict[str, dict[str, Any]]
+
+_TEXT_OPTIONS = frozenset({"isolation", "queue"})  # --set takes these verbatim, not as JSON
 
 
 def function_layers(
@@ -296,6 +342,8 @@ def function_layers(
                 "environment variable TETHER_FUNCTIONS: expected a JSON object of"
                 ' {"function.name": {"option": value}}'
             )
+        for name, options in parsed.items():
+            _check_options(f'env TETHER_FUNCTIONS: [functions."{name}"]', options)
         layers.append(("env TETHER_FUNCTIONS", parsed))
     flagged: Overrides = {}
     for item in sets:
@@ -303,11 +351,16 @@ def function_layers(
         name, dot, option = key.rpartition(".")
         if not sep or not dot or not name or not option:
             raise ConfigError(f"--set {item!r}: expected FUNCTION.OPTION=VALUE")
-        try:
-            value = json.loads(raw)
-        except ValueError:
-            value = raw  # a bare word such as process
+        if option in _TEXT_OPTIONS:
+            value: Any = raw  # a queue named 2024 is still a name
+        else:
+            try:
+                value = json.loads(raw)
+            except ValueError:
+                value = raw  # a bare word, for validation to refuse by name
         flagged.setdefault(name, {})[option] = value
+    for name, options in flagged.items():
+        _check_options(f'flag --set: [functions."{name}"]', options)
     if flagged:
         layers.append(("flag --set", flagged))
     return layers

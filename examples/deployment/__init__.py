@@ -1,0 +1,1 @@
+"""A hub and a runner configured by one ``tether.toml``; see README.md."""
