@@ -77,6 +77,11 @@ def resolve_isolation(
         if spec.isolation == "process":
             resolved[name] = ResolvedFunction(spec, "process", "configured", sources.get(name, {}))
             continue
+        if spec.fresh:  # only "auto" can get here: subinterpreter + fresh is refused earlier
+            reason = "auto: fresh=True needs a new process for every step"
+            spec = spec.with_options(isolation="process")
+            resolved[name] = ResolvedFunction(spec, "auto", reason, sources.get(name, {}))
+            continue
         refusal = verdicts.get(spec.module)
         if refusal is None:
             reason = (
@@ -129,7 +134,7 @@ class Runner:
         self.modules = list(modules)
         self.hub = hub or os.environ.get("TETHER_HUB") or DEFAULT_HUB
         self.token = token
-        self.slots = slots or os.cpu_count() or 1
+        self.slots = slots if slots is not None else os.cpu_count() or 1
         if self.slots < 1:
             raise ConfigError(f"slots must be at least 1, got {self.slots}")
         self.runner_id = runner_id or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
@@ -155,7 +160,10 @@ class Runner:
                         f" (loaded: {', '.join(sorted(specs))})"
                     )
                 validate_options(where, options)
-                specs[name] = specs[name].with_options(**options)
+                try:
+                    specs[name] = specs[name].with_options(**options)
+                except ConfigError as exc:  # options that only conflict once merged
+                    raise ConfigError(f"{where}: {exc}") from None
                 sources[name].update(dict.fromkeys(options, label))
         self.resolved = resolve_isolation(specs, sources)
         return self.resolved
