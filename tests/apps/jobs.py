@@ -115,3 +115,11 @@ def segfault_first(marker: str) -> str:
 
         ctypes.string_at(0)
     return f"survived in pid {os.getpid()}"
+
+
+@app.task(isolation="subinterpreter")
+def finish_when(release: str, started: str, done: str) -> str:
+    """:func:`wait_for`, and create ``done`` just before returning."""
+    result = str(wait_for.fn(release, started))
+    Path(done).write_text(result)
+    return result

@@ -91,10 +91,15 @@ class _Run:
     not_before: float  # wall clock
     failures: int = 0  # attempts that ended in a retryable error
     losses: int = 0  # attempts whose runner was lost
+    settled: int = 0  # the newest attempt whose outcome is recorded
 
     @classmethod
     def from_record(cls, record: RunRecord) -> _Run:
         failures = sum(1 for e in record.errors if e.get("type") != "tether.RunnerLost")
+        last = record.errors[-1] if record.errors else {}
+        settled = record.attempt if last.get("attempt") == record.attempt else 0
+        if last.get("type") == "tether.RunnerLost":
+            settled = 0  # a lost attempt's result may still arrive
         return cls(
             id=record.id,
             function=record.function,
@@ -105,6 +110,7 @@ class _Run:
             not_before=record.not_before,
             failures=failures,
             losses=len(record.errors) - failures,
+            settled=settled,
         )
 
 
@@ -177,6 +183,9 @@ class Scheduler:
         self.runs: dict[str, _Run] = {}
         self._ready: dict[tuple[str, str], collections.deque[str]] = {}
         self._delayed: list[tuple[float, str]] = []
+        # Runs kept out of the queues until a reconnecting runner re-sends the result it holds
+        # for them (by run id: until when, monotonic).
+        self._held: dict[str, float] = {}
         self.sessions: dict[str, Session] = {}  # by runner id
         self._serving: dict[str, set[str]] = collections.defaultdict(set)  # function -> runners
         self.functions: dict[str, dict[str, Any]] = {}  # every function ever registered
@@ -396,10 +405,15 @@ class Scheduler:
         while self._delayed and self._delayed[0][0] <= wall:
             _, run_id = heapq.heappop(self._delayed)
             run = self.runs.get(run_id)
-            if run is not None and run_id not in self.leases:
+            if run is not None and run_id not in self.leases and run_id not in self._held:
                 self._ready.setdefault((run.queue, run.function), collections.deque()).append(
                     run_id
                 )
+                self.wake()
+        for run_id in [r for r, until in self._held.items() if until <= now]:
+            del self._held[run_id]
+            if (run := self.runs.get(run_id)) is not None and run_id not in self.leases:
+                self._enqueue(run)  # the promised result never came: run it again
                 self.wake()
         for session in list(self.sessions.values()):
             if session.conn.runner_silent(now):
@@ -483,8 +497,29 @@ class Scheduler:
             if run is not None and self.leases.holds(ref, session.runner_id):
                 self.leases.extend((ref,), session.runner_id, expires)
                 session.take(ref.run_id, ref.attempt, run.function)
+            elif run is not None and ref.run_id not in self.leases and self._is_current(run, ref):
+                # Declared lost, but nothing newer started: the step is still running on this
+                # runner, so give it back its lease rather than run it twice.
+                self._unqueue(run)
+                self._held.pop(run.id, None)
+                self.leases.grant(ref, session.runner_id, expires)
+                session.take(ref.run_id, ref.attempt, run.function)
+                self._spawn(
+                    self.storage.call(
+                        self.store.mark_running, run.id, ref.attempt, session.runner_id, time.time()
+                    )
+                )
+                _log_run(run, "running", runner=session.runner_id, reason="reattached")
             else:
                 session.send(LeaseLost(run_id=ref.run_id, attempt=ref.attempt, reason="stale"))
+        # Results it finished while away: keep those runs out of the queues until the results
+        # (sent right after the handshake) arrive, instead of running them again.
+        hold_until = time.monotonic() + self.timings.heartbeat_timeout
+        for ref in session.hello.unacked:
+            run = self.runs.get(ref.run_id)
+            if run is not None and self._is_current(run, ref) and ref.run_id not in self.leases:
+                self._unqueue(run)
+                self._held[run.id] = hold_until
         log.info(
             "runner %s connected from %s (pid %d, %d slots, %d functions)",
             session.runner_id,
@@ -552,12 +587,21 @@ class Scheduler:
         self._enqueue(run)
         self.wake()
 
+    def _is_current(self, run: _Run, ref: RunRef) -> bool:
+        """Fencing: may ``ref``'s outcome be recorded? Yes for the attempt holding the lease,
+        and for a lost attempt that nothing newer has replaced yet (its runner was cut off,
+        the run waits in the queue, and the result is as good as a new attempt's would be)."""
+        lease = self.leases.get(run.id)
+        if lease is not None:
+            return lease.ref == ref
+        return run.attempt == ref.attempt and run.settled < ref.attempt
+
     async def _on_result(self, session: Session, result: Result) -> None:
         ref = RunRef(run_id=result.run_id, attempt=result.attempt)
         run = self.runs.get(result.run_id)
-        if run is None or not self.leases.holds(ref):
-            # Fencing: not the current attempt (lost, re-dispatched, cancelled, or already
-            # stored). Acknowledge so the runner forgets it; record nothing.
+        if run is None or not self._is_current(run, ref):
+            # Fencing: a newer attempt started, the run was cancelled, or this outcome is
+            # stored already. Acknowledge so the runner forgets it; record nothing.
             log.info(
                 "ignoring result of run %s attempt %d from %s: not the current attempt",
                 result.run_id,
@@ -567,11 +611,15 @@ class Scheduler:
             self.metrics.fenced.inc()
             session.send(ResultAck(run_id=result.run_id, attempt=result.attempt))
             return
+        run.settled = ref.attempt
         lease = self.leases.release(run.id)
-        assert lease is not None
-        holder = self.sessions.get(lease.holder)
-        if holder is not None:
-            holder.release(run.id, run.function)
+        if lease is not None:
+            holder = self.sessions.get(lease.holder)
+            if holder is not None:
+                holder.release(run.id, run.function)
+        else:  # a lost attempt's late result: take the run back out of the queue
+            self._held.pop(run.id, None)
+            self._unqueue(run)
         now = time.time()
         if result.ok:
             await self.storage.call(

@@ -93,6 +93,7 @@ class Hello(Message):
     slots: int
     functions: tuple[FunctionInfo, ...]
     in_flight: tuple[RunRef, ...] = ()  # runs still executing from a previous connection
+    unacked: tuple[RunRef, ...] = ()  # results kept for the hub, re-sent right after welcome
     draining: bool = False
 
 

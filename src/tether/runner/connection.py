@@ -185,6 +185,9 @@ class HubLink:
             slots=self.slots,
             functions=tuple(self.functions),
             in_flight=tuple(step.ref for step in self.steps.values()),
+            unacked=tuple(
+                RunRef(run_id=r.run_id, attempt=r.attempt) for r in self.outbox.pending()
+            ),
             draining=self.draining,
         )
 

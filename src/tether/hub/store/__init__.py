@@ -130,8 +130,9 @@ class Store(ABC):
         error: dict[str, Any] | None = None,
         now: float,
     ) -> bool:
-        """Record the outcome of ``attempt``; False (nothing written) if that attempt is not
-        the run's current running attempt (fencing)."""
+        """Record the outcome of ``attempt``; False (nothing written) if the run is finished or
+        has moved on to a newer attempt. (The scheduler fences in memory first: it also knows
+        whether ``attempt``'s outcome was already recorded.)"""
 
     @abstractmethod
     def requeue(

@@ -216,7 +216,7 @@ class SQLiteStore(Store):
         params += [run_id, attempt]
         cursor = self.db.execute(
             f"UPDATE runs SET state = ?, finished_at = ?, result = ?, error = ?{errors_update}"
-            " WHERE id = ? AND attempt = ? AND state = 'running'",
+            " WHERE id = ? AND attempt = ? AND state IN ('running', 'queued')",
             params,
         )
         return cursor.rowcount == 1
@@ -227,14 +227,14 @@ class SQLiteStore(Store):
         if error is None:
             cursor = self.db.execute(
                 "UPDATE runs SET state = 'queued', not_before = ?, runner_id = NULL"
-                " WHERE id = ? AND attempt = ? AND state = 'running'",
+                " WHERE id = ? AND attempt = ? AND state IN ('running', 'queued')",
                 (not_before, run_id, attempt),
             )
         else:
             cursor = self.db.execute(
                 "UPDATE runs SET state = 'queued', not_before = ?, runner_id = NULL,"
                 " errors = json_insert(errors, '$[#]', json(?))"
-                " WHERE id = ? AND attempt = ? AND state = 'running'",
+                " WHERE id = ? AND attempt = ? AND state IN ('running', 'queued')",
                 (not_before, _dumps({"attempt": attempt, **error}), run_id, attempt),
             )
         return cursor.rowcount == 1
