@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import Proxy, proxy_to
 from support import UNIT, Cluster, Proc, poll
-from tether import Client
+from tether import Client, HubUnavailable
 
 pytestmark = pytest.mark.slow
 
@@ -81,3 +83,53 @@ def test_a_result_finished_while_cut_off_is_delivered_after_reconnecting(
         view = handle.status()
     assert (view["state"], view["attempt"]) == ("succeeded", 1)
     assert [e["type"] for e in view["errors"]] == ["tether.RunnerLost"]
+
+
+def test_hub_killed_under_steady_load_loses_no_answered_submit(cluster: Cluster) -> None:
+    hub = cluster.hub()
+    cluster.runner("apps.jobs", slots=2)
+    answered: list[tuple[str, int]] = []  # (run id, argument) of every answered submit
+    refused = 0
+    stop = threading.Event()
+
+    def produce() -> None:
+        nonlocal refused
+        with Client(cluster.url, timeout=2) as client:
+            i = 0
+            while not stop.is_set():
+                try:
+                    answered.append((client.submit("apps.jobs.add", i, 1).id, i))
+                    i += 1
+                except HubUnavailable:
+                    refused += 1  # not answered: the producer knows it was not accepted
+                    stop.wait(0.01)
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    try:
+        poll("a steady stream of submits", lambda: len(answered) >= 100)
+        hub.signal(signal.SIGKILL)
+        hub.wait()
+        killed_at = len(answered)
+        cluster.hub()
+        poll("submits to be answered again", lambda: len(answered) >= killed_at + 100)
+    finally:
+        stop.set()
+        producer.join()
+    with Client(cluster.url) as client:
+        views = [client.wait(run_id, timeout=60 * UNIT) for run_id, _ in answered]
+    assert [v["state"] for v in views] == ["succeeded"] * len(answered)
+    assert [v["result"] for v in views] == [i + 1 for _, i in answered]
+    assert refused > 0  # the hub really was down for a while
+    counts = cluster.cli("status", "--json")
+    assert f'"succeeded": {len(answered)}' in counts.stdout
+
+
+def test_lease_extensions_keep_a_step_longer_than_its_lease(cluster: Cluster) -> None:
+    cluster.hub("--lease", "0.6")  # extended every 0.2 s by the runner
+    cluster.runner("apps.jobs")
+    with Client(cluster.url) as client:
+        handle = client.submit("apps.jobs.nap", 2.0)
+        assert handle.get(timeout=20 * UNIT) == 2.0
+        view = handle.status()
+    assert (view["attempt"], view.get("errors")) == (1, None)

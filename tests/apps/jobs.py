@@ -123,3 +123,9 @@ def finish_when(release: str, started: str, done: str) -> str:
     result = str(wait_for.fn(release, started))
     Path(done).write_text(result)
     return result
+
+
+@app.task(isolation="subinterpreter")
+def nap(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds

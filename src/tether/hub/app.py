@@ -237,7 +237,7 @@ def create_app(
             async with asynccontextmanager(lifespan)():
                 yield
 
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/v1/runs", submit, methods=["POST"]),
             Route("/v1/runs/batch", submit_batch, methods=["POST"]),
@@ -253,6 +253,8 @@ def create_app(
         ],
         lifespan=app_lifespan,
     )
+    app.router.redirect_slashes = False  # an API answers 404 for a wrong path, not a redirect
+    return app
 
 
 class _Link:

@@ -15,6 +15,7 @@ from typing import Any
 import uvicorn
 
 from ..exceptions import ConfigError
+from ._guard import guarded_http_protocol
 from .app import create_app
 from .scheduler import HubTimings, Scheduler
 from .storage import StoreThread
@@ -23,6 +24,8 @@ from .store import open_store
 __all__ = ["Hub"]
 
 log = logging.getLogger("tether.hub")
+
+MAX_PENDING_CONNECTIONS = 1024  # connections that have not finished a request yet
 
 
 def _is_loopback(host: str) -> bool:
@@ -138,6 +141,7 @@ class Hub:
             host=self.host,
             port=self.port,
             ws="websockets-sansio",
+            http=guarded_http_protocol(self.timings.handshake_timeout, MAX_PENDING_CONNECTIONS),
             ws_max_size=self.timings.max_message_bytes,
             ws_ping_interval=None,  # liveness is our own heartbeat, measured by the hub
             ws_ping_timeout=None,
