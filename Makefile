@@ -24,3 +24,6 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .tether .pytest_cache
+
+chaos: $(STAMP)
+	$(PY) scripts/chaos.py --minutes 2
