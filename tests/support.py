@@ -8,6 +8,7 @@ stretch them without editing tests.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import ssl
@@ -20,6 +21,7 @@ from typing import Any
 
 import anyio
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 FACTOR = float(os.environ.get("TETHER_TEST_TIMEOUT_FACTOR", "1"))
 UNIT = 1.0 * FACTOR  # seconds
@@ -181,6 +183,17 @@ class Cluster:
     def runner_ids(self) -> set[str]:
         return {r["id"] for r in self.runners()}
 
+    def metric(self, name: str) -> float:
+        """The sum of a metric's samples in the hub's ``/metrics`` (0 if it has none)."""
+        with self.http() as http:
+            text = http.get("/metrics").text
+        return sum(
+            s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name == name
+        )
+
     def run(self, run_id: str) -> dict[str, Any]:
         with self.http() as http:
             return dict(http.get(f"/v1/runs/{run_id}").json())
@@ -212,3 +225,17 @@ async def apoll[T](
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what}")
         await anyio.sleep(every)
+
+
+def check_table(text: str) -> dict[str, dict[str, str]]:
+    """The function table of ``tether worker --check``'s text: row name -> column -> cell."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith("function "))
+    header = re.split(r"\s{2,}", lines[start].strip())
+    rows = {}
+    for line in lines[start + 1 :]:
+        if not line.strip():
+            break
+        cells = re.split(r"\s{2,}", line.strip())
+        rows[cells[0]] = dict(zip(header, cells, strict=True))
+    return rows

@@ -24,6 +24,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from support import TESTS, UNIT, Proc, env, free_port, poll
+from support import check_table as table
 from tether.cli import main
 from tether.config import (
     ConfigFile,
@@ -86,20 +87,6 @@ def one_line_error(stderr: str) -> str:
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: "), stderr
     return lines[0]
-
-
-def table(text: str) -> dict[str, dict[str, str]]:
-    """The function table of ``--check``'s text output: row name -> column -> cell."""
-    lines = text.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.strip().startswith("function "))
-    header = re.split(r"\s{2,}", lines[start].strip())
-    rows = {}
-    for line in lines[start + 1 :]:
-        if not line.strip():
-            break
-        cells = re.split(r"\s{2,}", line.strip())
-        rows[cells[0]] = dict(zip(header, cells, strict=True))
-    return rows
 
 
 # -- precedence: defaults < file < TETHER_* < flags --------------------------------------------

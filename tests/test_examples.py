@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from support import TESTS, UNIT, Cluster, env, free_port, poll
+from support import check_table as table
 from tether import Client
 
 ROOT = TESTS.parent
@@ -39,20 +40,6 @@ def tether(*args: str, cwd: Path = DEPLOYMENT, **extra: str) -> subprocess.Compl
         cwd=cwd,
         timeout=60 * UNIT,
     )
-
-
-def table(text: str) -> dict[str, dict[str, str]]:
-    """The function table of ``--check``'s text output: row name -> column -> cell."""
-    lines = text.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.strip().startswith("function "))
-    header = re.split(r"\s{2,}", lines[start].strip())
-    rows = {}
-    for line in lines[start + 1 :]:
-        if not line.strip():
-            break
-        cells = re.split(r"\s{2,}", line.strip())
-        rows[cells[0]] = dict(zip(header, cells, strict=True))
-    return rows
 
 
 def readme_block(after: str) -> str:

@@ -8,24 +8,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import Proxy, proxy_to
 from support import UNIT, Cluster, Proc, poll
 from tether import Client, HubUnavailable
 
 pytestmark = pytest.mark.slow
-
-
-def metric(cluster: Cluster, name: str) -> float:
-    with cluster.http() as http:
-        text = http.get("/metrics").text
-    return sum(
-        s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == name
-    )
 
 
 @pytest.fixture
@@ -44,7 +32,7 @@ def cut_off(cluster: Cluster, proxy: Proxy, runner: Proc) -> None:
     """Partition, and wait until both sides have noticed through missed heartbeats."""
     proxy.partition()
     poll("the hub to declare the runner dead",
-         lambda: metric(cluster, "tether_runners_lost_total") == 1)  # fmt: skip
+         lambda: cluster.metric("tether_runners_lost_total") == 1)  # fmt: skip
     poll("the runner to notice the silent hub", lambda: "hub went silent" in runner.output())
 
 

@@ -7,23 +7,11 @@ import signal
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from support import UNIT, Cluster, poll
 from tether import Client, TaskError
 
 pytestmark = pytest.mark.slow
-
-
-def metric(cluster: Cluster, name: str) -> float:
-    with cluster.http() as http:
-        text = http.get("/metrics").text
-    return sum(
-        s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == name
-    )
 
 
 def test_gil_holding_steps_never_cost_the_runner_a_heartbeat(cluster: Cluster) -> None:
@@ -40,7 +28,7 @@ def test_gil_holding_steps_never_cost_the_runner_a_heartbeat(cluster: Cluster) -
     assert all(n >= 1 for n in chunks)
     [runner] = cluster.runners()
     assert runner["session_id"] == session  # never dropped, never reconnected
-    assert metric(cluster, "tether_runners_lost_total") == 0
+    assert cluster.metric("tether_runners_lost_total") == 0
     assert runner["heartbeat"]["max_gap_ms"] < 500
     assert runner["heartbeat"]["count"] >= 2.0 / 0.05 * 0.8
 
