@@ -191,3 +191,26 @@ def test_unreachable_hub_is_retried_and_reported_once_per_backoff_step(cluster: 
     assert all("connection refused" in line for line in lines)
     cluster.hub()
     poll("the runner to connect once the hub is up", lambda: cluster.runner_ids() == {"runner1"})
+
+
+def test_json_logs_have_one_line_per_run_state_change(cluster: Cluster) -> None:
+    hub = cluster.hub("--log-format", "json")
+    cluster.runner("apps.jobs")
+    done = cluster.cli("submit", "apps.jobs.add", "1", "2", "--count", "120", "--wait")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["3"] * 120
+    assert "submitting" in done.stderr and "waiting" in done.stderr  # progress for long work
+    with Client(cluster.url) as client:
+        run_id = client.submit("apps.jobs.add", 2, 2).id
+        assert client.wait(run_id, timeout=20 * UNIT)["state"] == "succeeded"
+
+    def states() -> list[dict[str, object]]:
+        entries = [json.loads(line) for line in hub.output().splitlines() if line.startswith("{")]
+        return [e for e in entries if e.get("run_id") == run_id]
+
+    lines = poll("the run's last state change in the log", lambda: len(states()) == 3 and states())
+    assert [e["state"] for e in lines] == ["queued", "running", "succeeded"]
+    assert {e["function"] for e in lines} == {"apps.jobs.add"}
+    assert [e["attempt"] for e in lines[1:]] == [1, 1]
+    assert isinstance(lines[-1]["duration_ms"], float)
+    assert all(e["logger"] == "tether.runs" and e["level"] == "info" for e in lines)
