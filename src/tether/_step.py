@@ -15,7 +15,6 @@ thing imported inside every isolated subinterpreter, where most C extensions ref
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import inspect
 import json
@@ -66,7 +65,10 @@ def run_step(request: bytes) -> bytes:
         fn = resolve(req["module"], req["qualname"])
         value = fn(*req["args"], **req["kwargs"])
         if inspect.isawaitable(value):
-            # An async step gets an event loop of its own, inside this unit.
+            # An async step gets an event loop of its own, inside this unit. Imported here, not
+            # above: asyncio is a third of a new unit's start-up, and most steps never need it.
+            import asyncio
+
             value = asyncio.run(_await(value))
     except Reject as exc:
         return error_outcome(_type_name(exc), str(exc), traceback.format_exc(), retryable=False)

@@ -17,6 +17,11 @@ Contract every backend keeps:
   when the step ends) and counted in :attr:`Backend.abandoned`.
 * Nothing here runs user code on the calling thread: the event loop that calls ``run`` stays
   free, which is what keeps heartbeats on time.
+
+Both backends hand steps over through pipes that the event loop itself watches
+(``add_reader``), which is several times cheaper per step than a hop through a worker thread:
+they need anyio's asyncio backend on a selector event loop (the default on Unix), and a backend
+belongs to the event loop that started it.
 """
 
 from __future__ import annotations

@@ -21,13 +21,14 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Final
 
 __all__ = [
     "MAX_FRAME",
+    "advance",
     "child_environment",
     "describe_exit",
+    "frame_views",
     "main",
     "read_frame",
     "write_frame",
@@ -38,7 +39,8 @@ MAX_FRAME: Final = 2**32 - 1  # what a 4-byte length can say
 
 
 def read_frame(fd: int) -> bytes | None:
-    """Read one frame; None on end of file (including a frame cut short by a dying peer)."""
+    """Read one frame from a blocking ``fd``; None on end of file (including a frame cut short
+    by a dying peer)."""
     header = _read_exactly(fd, _HEADER)
     if header is None:
         return None
@@ -46,23 +48,54 @@ def read_frame(fd: int) -> bytes | None:
 
 
 def write_frame(fd: int, payload: bytes) -> None:
-    """Write one frame; BrokenPipeError if the peer is gone."""
+    """Write one frame to a blocking ``fd``; BrokenPipeError if the peer is gone."""
+    views = frame_views(payload)
+    while views:
+        views = advance(views, os.writev(fd, views))
+
+
+def frame_views(payload: bytes) -> list[memoryview]:
+    """A frame as the buffers to hand to ``os.writev``: its header, then the payload itself.
+
+    One system call writes both, and the payload is never copied (joining it to its header
+    would copy it: a megabyte argument, a megabyte copied).
+    """
     if len(payload) > MAX_FRAME:
         raise ValueError(f"frame of {len(payload)} bytes exceeds the limit of {MAX_FRAME}")
-    data = memoryview(len(payload).to_bytes(_HEADER, "big") + payload)
-    while data:
-        data = data[os.write(fd, data) :]
+    return [memoryview(len(payload).to_bytes(_HEADER, "big")), memoryview(payload)]
+
+
+def advance(views: list[memoryview], written: int) -> list[memoryview]:
+    """What is left of ``views`` to write once ``written`` bytes of them went out."""
+    while views and written >= len(views[0]):
+        written -= len(views[0])
+        views = views[1:]
+    if written:
+        views[0] = views[0][written:]
+    return views
 
 
 def _read_exactly(fd: int, size: int) -> bytes | None:
-    chunks: list[bytes] = []
-    while size:
-        chunk = os.read(fd, min(size, 1 << 20))
-        if not chunk:
+    if size == 0:
+        return b""
+    # A pipe usually holds the whole frame by now, and then this is the only read and the
+    # bytes it returns are the frame: nothing is copied or joined. (A pipe holds 64 KiB unless
+    # enlarged, so the cap costs nothing and bounds what a corrupt length could allocate.)
+    first = os.read(fd, min(size, 1 << 20))
+    if len(first) == size:
+        return first
+    if not first:
+        return None
+    buffer = bytearray(size)
+    buffer[: len(first)] = first
+    view = memoryview(buffer)
+    got = len(first)
+    while got < size:
+        count = os.readv(fd, [view[got:]])
+        if not count:
             return None
-        chunks.append(chunk)
-        size -= len(chunk)
-    return b"".join(chunks)
+        got += count
+    return bytes(buffer)
 
 
 def child_environment() -> dict[str, str]:
@@ -72,7 +105,10 @@ def child_environment() -> dict[str, str]:
     would not have at start-up (a source checkout, a path added at run time), so the directory
     holding the ``tether`` package goes first on ``PYTHONPATH``.
     """
-    root = str(Path(__file__).resolve().parents[3])
+    # os.path, not pathlib: this module is imported by every unit, and pathlib is not free.
+    root = os.path.realpath(__file__)
+    for _ in range(4):  # .../src/tether/runner/isolation/_child.py -> .../src
+        root = os.path.dirname(root)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     return env
