@@ -17,6 +17,9 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/liveness.py
 	$(PY) benchmarks/isolation_overhead.py
+	$(PY) benchmarks/throughput.py
+	$(PY) benchmarks/latency.py
+	$(PY) benchmarks/scale.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks examples

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 from collections.abc import Iterator
@@ -109,8 +110,12 @@ def test_hub_killed_under_steady_load_loses_no_answered_submit(cluster: Cluster)
     assert [v["state"] for v in views] == ["succeeded"] * len(answered)
     assert [v["result"] for v in views] == [i + 1 for _, i in answered]
     assert refused > 0  # the hub really was down for a while
-    counts = cluster.cli("status", "--json")
-    assert f'"succeeded": {len(answered)}' in counts.stdout
+    runs = json.loads(cluster.cli("status", "--json").stdout)["runs"]
+    # A submit the hub stored but died before answering is a run the producer was told nothing
+    # about (it counted a refusal): it runs as well (maybe not yet), but there are no more of
+    # those than refusals, and no other runs at all.
+    assert runs.get("succeeded", 0) >= len(answered)
+    assert sum(runs.values()) <= len(answered) + refused
 
 
 def test_lease_extensions_keep_a_step_longer_than_its_lease(cluster: Cluster) -> None:

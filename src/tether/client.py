@@ -5,14 +5,25 @@ response interpretation. :class:`Client` and :class:`AsyncClient` only send (the
 pattern). httpx errors are translated here, where they enter: callers see
 :class:`~tether.exceptions.HubUnavailable`, :class:`~tether.exceptions.HubError`,
 :class:`~tether.exceptions.TaskError` and friends, never an httpx exception.
+
+Requests go through httpx, but not through its default transport (httpcore and h11, pure
+Python HTTP/1.1, most of a request's CPU time in a producer): :class:`_Transport` and
+:class:`_AsyncTransport` speak HTTP/1.1 over keep-alive sockets themselves, which is all a hub
+needs. When a proxy from the environment applies to the hub, httpx's own transport is used.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import select
+import socket
 import ssl
+import threading
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import Iterable, Sequence
 from typing import Any, Self
 
@@ -35,6 +46,11 @@ _LONG_POLL = 30.0  # seconds per wait request; longer waits are several requests
 
 def _check_json(function: str, args: Sequence[Any], kwargs: dict[str, Any]) -> None:
     """TypeError naming the first argument that JSON cannot carry."""
+    try:
+        json.dumps([args, kwargs], allow_nan=False)
+        return  # the common case: one encoding, not one per argument
+    except (TypeError, ValueError, RecursionError):
+        pass
     for where, value in [*((f"argument {i}", a) for i, a in enumerate(args)),
                          *((f"keyword argument {k!r}", v) for k, v in kwargs.items())]:  # fmt: skip
         try:
@@ -61,9 +77,37 @@ class BaseClient:
         ca = ca or os.environ.get("TETHER_CA") or None
         # ``ca``: a CA bundle to trust for an https hub (a private CA, a self-signed hub).
         self.verify = ssl.create_default_context(cafile=ca) if ca else verify
+        # What every request the client writes itself starts with (see _raw_request).
+        url = httpx.URL(self.hub)
+        self._origin = _origin(url)
+        self._prefix = url.raw_path.rstrip(b"/")
+        host = f"[{url.host}]" if ":" in url.host else url.host
+        if url.port is not None:
+            host = f"{host}:{url.port}"
+        lines = [f"Host: {host}", "Accept: */*", "Connection: keep-alive",
+                 f"User-Agent: tether-client/{httpx.__version__}"]  # fmt: skip
+        lines += [f"{name}: {value}" for name, value in self._headers().items()]
+        self._fixed_headers = ("\r\n".join(lines) + "\r\n").encode("latin-1")
 
     def _headers(self) -> dict[str, str]:
         return {"authorization": f"Bearer {self.token}"} if self.token else {}
+
+    def _raw_request(self, method: str, path: str, options: dict[str, Any]) -> bytes | None:
+        """The bytes of a request the client can write itself (the same bytes httpx would
+        write, less its bookkeeping), or None to leave it to httpx."""
+        if not _PLAIN_PATH.issuperset(path) or not set(options) <= {"json", "params", "timeout"}:
+            return None
+        target = self._prefix + path.encode()
+        params = options.get("params")
+        if params:
+            target += b"?" + urllib.parse.urlencode(params).encode()
+        head = method.encode() + b" " + target + b" HTTP/1.1\r\n" + self._fixed_headers
+        if "json" not in options:
+            return head + b"\r\n"
+        body = json.dumps(options["json"], ensure_ascii=False, separators=(",", ":"),
+                          allow_nan=False).encode()  # fmt: skip
+        return (head + b"Content-Type: application/json\r\nContent-Length: "
+                + str(len(body)).encode() + b"\r\n\r\n" + body)  # fmt: skip
 
     def _run_body(
         self,
@@ -123,6 +167,382 @@ class BaseClient:
         )
 
 
+# -- HTTP/1.1 for the hub ----------------------------------------------------------------------
+
+_MAX_HEAD = 64 * 1024
+_IDLE_CONNECTIONS = 32
+_NO_BODY = frozenset({204, 304})
+
+
+class _Response:
+    """Reads one HTTP/1.1 response from bytes fed to it as they arrive."""
+
+    __slots__ = ("buffer", "status", "headers", "keep_alive", "_length", "_chunked", "body",
+                 "_head_only")  # fmt: skip
+
+    def __init__(self, *, head_only: bool = False) -> None:
+        self.buffer = bytearray()
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.keep_alive = True
+        self._length: int | None = None  # None: until the connection closes
+        self._chunked = False
+        self.body = b""
+        self._head_only = head_only
+
+    def feed(self, data: bytes) -> bool:
+        """Add ``data``; True once the response is complete."""
+        self.buffer += data
+        return self._parse()
+
+    def eof(self) -> bool:
+        """The connection closed: True if that completes the response."""
+        if self.status and self._length is None and not self._chunked:
+            self.body, self.keep_alive = bytes(self.buffer), False
+            return True
+        return False
+
+    def _parse(self) -> bool:
+        while not self.status:
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self.buffer) > _MAX_HEAD:
+                    raise httpx.RemoteProtocolError("response head too large")
+                return False
+            head = bytes(self.buffer[:end]).split(b"\r\n")
+            del self.buffer[: end + 4]
+            version, _, rest = head[0].partition(b" ")
+            try:
+                status = int(rest[:3])
+            except ValueError:
+                raise httpx.RemoteProtocolError(f"bad status line {head[0][:60]!r}") from None
+            headers = []
+            for line in head[1:]:
+                name, sep, value = line.partition(b":")
+                if not sep:
+                    raise httpx.RemoteProtocolError(f"bad header line {line[:60]!r}")
+                headers.append((name.strip(), value.strip()))
+            if 100 <= status < 200:
+                continue  # an interim answer (100 Continue): the real one follows
+            self.status, self.headers = status, headers
+            connection = b""
+            for name, value in headers:
+                lowered = name.lower()
+                if lowered == b"content-length":
+                    self._length = int(value)
+                elif lowered == b"transfer-encoding" and b"chunked" in value.lower():
+                    self._chunked = True
+                elif lowered == b"connection":
+                    connection = value.lower()
+            self.keep_alive = (
+                connection != b"close" if version == b"HTTP/1.1" else connection == b"keep-alive"
+            )
+            if self._head_only or status in _NO_BODY:
+                self._length, self._chunked = 0, False
+            elif self._chunked:
+                self._length = None
+                self.headers = [(n, v) for n, v in headers if n.lower() != b"transfer-encoding"]
+        if self._chunked:
+            return self._dechunk()
+        if self._length is not None and len(self.buffer) >= self._length:
+            self.body = bytes(self.buffer[: self._length])
+            return True
+        return False
+
+    def _dechunk(self) -> bool:
+        body = bytearray()
+        at = 0
+        buffer = self.buffer
+        while True:
+            line_end = buffer.find(b"\r\n", at)
+            if line_end < 0:
+                return False
+            size = int(bytes(buffer[at:line_end]).split(b";")[0], 16)
+            if size == 0:
+                trailer_end = buffer.find(b"\r\n\r\n", line_end)
+                if trailer_end < 0 and buffer[line_end : line_end + 4] != b"\r\n\r\n":
+                    return False
+                self.body = bytes(body)
+                return True
+            start = line_end + 2
+            if len(buffer) < start + size + 2:
+                return False
+            body += buffer[start : start + size]
+            at = start + size + 2
+
+
+def _request_head(request: httpx.Request, body: bytes) -> bytes:
+    lines = [request.method.encode("ascii") + b" " + request.url.raw_path + b" HTTP/1.1"]
+    has_length = False
+    for name, value in request.headers.raw:
+        lowered = name.lower()
+        if lowered == b"accept-encoding":
+            continue  # answers come uncompressed: nothing to undo
+        has_length |= lowered == b"content-length"
+        lines.append(name + b": " + value)
+    if body and not has_length:
+        lines.append(b"Content-Length: " + str(len(body)).encode())
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+def _ssl_context(scheme: str, verify: ssl.SSLContext | bool) -> ssl.SSLContext | None:
+    if scheme != "https":
+        return None
+    return verify if isinstance(verify, ssl.SSLContext) else httpx.create_ssl_context(verify)
+
+
+def _proxied(hub: str) -> bool:
+    """Does a proxy from the environment apply to ``hub`` (so that httpx must handle it)?"""
+    url = httpx.URL(hub)
+    proxies = urllib.request.getproxies_environment()
+    if not (proxies.get(url.scheme) or proxies.get("all")):
+        return False
+    return not urllib.request.proxy_bypass(url.host)
+
+
+type _Origin = tuple[str, str, int]  # scheme, host, port
+
+
+def _origin(url: httpx.URL) -> _Origin:
+    return (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
+
+
+def _answer_of(response: _Response) -> httpx.Response:
+    return httpx.Response(response.status, headers=response.headers, content=response.body,
+                          extensions={"http_version": b"HTTP/1.1"})  # fmt: skip
+
+
+class _Connection:
+    __slots__ = ("sock", "origin")
+
+    def __init__(self, sock: socket.socket, origin: _Origin) -> None:
+        self.sock = sock
+        self.origin = origin
+
+    def dropped(self) -> bool:
+        """Closed by the hub while idle (a keep-alive timeout), or with stray bytes."""
+        try:
+            readable, _, _ = select.select([self.sock], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(readable)
+
+
+class _Transport(httpx.BaseTransport):
+    """HTTP/1.1 over keep-alive sockets, for a blocking :class:`Client`."""
+
+    def __init__(self, verify: ssl.SSLContext | bool) -> None:
+        self._verify = verify
+        self._idle: list[_Connection] = []
+        self._lock = threading.Lock()
+
+    def _connect(self, origin: _Origin, timeout: float | None) -> _Connection:
+        with self._lock:
+            while self._idle:
+                conn = self._idle.pop()
+                if conn.origin == origin and not conn.dropped():
+                    return conn
+                conn.sock.close()
+        try:
+            sock = socket.create_connection(origin[1:], timeout=timeout)
+        except TimeoutError as exc:
+            raise httpx.ConnectTimeout(str(exc) or "connect timed out") from exc
+        except OSError as exc:
+            raise httpx.ConnectError(str(exc)) from exc
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        context = _ssl_context(origin[0], self._verify)
+        if context is not None:
+            try:
+                sock = context.wrap_socket(sock, server_hostname=origin[1])
+            except OSError as exc:
+                sock.close()
+                raise httpx.ConnectError(str(exc)) from exc
+        return _Connection(sock, origin)
+
+    def fetch(
+        self, origin: _Origin, data: bytes, timeout: float | None, *, head_only: bool = False
+    ) -> _Response:
+        """Send one request (its bytes) and read the answer."""
+        conn = self._connect(origin, timeout)
+        response = _Response(head_only=head_only)
+        sock = conn.sock
+        try:
+            sock.settimeout(timeout)
+            sock.sendall(data)
+            while True:
+                chunk = sock.recv(262144)
+                if not chunk:
+                    if response.eof():
+                        break
+                    raise httpx.RemoteProtocolError("the hub closed the connection mid-answer")
+                if response.feed(chunk):
+                    break
+        except TimeoutError as exc:
+            sock.close()
+            raise httpx.ReadTimeout(str(exc) or "read timed out") from exc
+        except OSError as exc:
+            sock.close()
+            raise httpx.ReadError(str(exc)) from exc
+        except BaseException:
+            sock.close()
+            raise
+        kept = False
+        if response.keep_alive:
+            with self._lock:
+                if len(self._idle) < _IDLE_CONNECTIONS:
+                    self._idle.append(conn)
+                    kept = True
+        if not kept:
+            sock.close()
+        return response
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        timeout = request.extensions.get("timeout", {}).get("read")
+        body = request.read()
+        data = _request_head(request, body) + body
+        return _answer_of(self.fetch(_origin(request.url), data, timeout,
+                                     head_only=request.method == "HEAD"))  # fmt: skip
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.sock.close()
+
+
+class _AsyncConnection(asyncio.Protocol):
+    """One keep-alive connection on an asyncio loop: bytes in, one response at a time out."""
+
+    def __init__(self, origin: _Origin) -> None:
+        self.origin = origin
+        self.transport: asyncio.Transport | None = None
+        self.response: _Response | None = None
+        self.done: asyncio.Future[None] | None = None
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        response, done = self.response, self.done
+        if response is None or done is None or done.done():
+            self.close()  # bytes nobody asked for: never reuse this connection
+            return
+        try:
+            complete = response.feed(data)
+        except httpx.HTTPError as exc:
+            done.set_exception(exc)
+            return
+        if complete:
+            done.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        response, done = self.response, self.done
+        if response is not None and done is not None and not done.done():
+            if response.eof():
+                done.set_result(None)
+            else:
+                done.set_exception(httpx.ReadError("the hub closed the connection mid-answer"))
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    async def exchange(self, data: bytes, response: _Response, timeout: float | None) -> None:
+        assert self.transport is not None
+        self.response = response
+        self.done = asyncio.get_running_loop().create_future()
+        self.transport.write(data)
+        try:
+            async with asyncio.timeout(timeout):
+                await self.done
+        finally:
+            self.response = self.done = None
+
+
+class _AsyncTransport(httpx.AsyncBaseTransport):
+    """HTTP/1.1 over keep-alive connections, for :class:`AsyncClient` on asyncio. On any other
+    event loop (trio) it hands requests to httpx's own transport."""
+
+    def __init__(self, verify: ssl.SSLContext | bool) -> None:
+        self._verify = verify
+        self._idle: list[_AsyncConnection] = []
+        self._fallback: httpx.AsyncHTTPTransport | None = None
+
+    async def _connect(self, origin: _Origin, timeout: float | None) -> _AsyncConnection:
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.origin == origin and not conn.closed:
+                return conn
+            conn.close()
+        conn = _AsyncConnection(origin)
+        context = _ssl_context(origin[0], self._verify)
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.get_running_loop().create_connection(
+                    lambda: conn, origin[1], origin[2], ssl=context,
+                    server_hostname=origin[1] if context is not None else None,
+                )  # fmt: skip
+        except TimeoutError as exc:
+            raise httpx.ConnectTimeout(str(exc) or "connect timed out") from exc
+        except OSError as exc:
+            raise httpx.ConnectError(str(exc)) from exc
+        return conn
+
+    async def fetch(
+        self, origin: _Origin, data: bytes, timeout: float | None, *, head_only: bool = False
+    ) -> _Response:
+        """Send one request (its bytes) and read the answer."""
+        conn = await self._connect(origin, timeout)
+        response = _Response(head_only=head_only)
+        try:
+            await conn.exchange(data, response, timeout)
+        except TimeoutError as exc:
+            conn.close()
+            raise httpx.ReadTimeout(str(exc) or "read timed out") from exc
+        except BaseException:  # an HTTP error, or cancelled mid-answer: unknown state
+            conn.close()
+            raise
+        if response.keep_alive and not conn.closed and len(self._idle) < _IDLE_CONNECTIONS:
+            self._idle.append(conn)
+        else:
+            conn.close()
+        return response
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if not _on_asyncio():
+            if self._fallback is None:
+                self._fallback = httpx.AsyncHTTPTransport(verify=self._verify)
+            return await self._fallback.handle_async_request(request)
+        timeout = request.extensions.get("timeout", {}).get("read")
+        body = await request.aread()
+        data = _request_head(request, body) + body
+        return _answer_of(await self.fetch(_origin(request.url), data, timeout,
+                                           head_only=request.method == "HEAD"))  # fmt: skip
+
+    async def aclose(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+        if self._fallback is not None:
+            await self._fallback.aclose()
+
+
+def _on_asyncio() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+# Characters a path may carry as they are; anything else goes through httpx, which quotes it.
+_PLAIN_PATH = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789/-._~")
+
+
 def _unavailable(hub: str, exc: httpx.HTTPError) -> HubUnavailable:
     return HubUnavailable(f"cannot reach the hub at {hub}: {exc}")
 
@@ -132,8 +552,10 @@ class Client(BaseClient):
 
     def __init__(self, hub: str | None = None, **options: Any) -> None:
         super().__init__(hub, **options)
+        self._direct = None if _proxied(self.hub) else _Transport(self.verify)
         self._http = httpx.Client(
-            base_url=self.hub, headers=self._headers(), timeout=self.timeout, verify=self.verify
+            base_url=self.hub, headers=self._headers(), timeout=self.timeout, verify=self.verify,
+            transport=self._direct,
         )
 
     def __enter__(self) -> Self:
@@ -146,8 +568,14 @@ class Client(BaseClient):
         self._http.close()
 
     def _request(self, method: str, path: str, *, run_id: str | None = None, **kwargs: Any) -> Any:
+        raw = None if self._direct is None else self._raw_request(method, path, kwargs)
         try:
-            response = self._http.request(method, path, **kwargs)
+            if raw is None:
+                response = self._http.request(method, path, **kwargs)
+            else:
+                assert self._direct is not None
+                timeout = kwargs.get("timeout", self.timeout)
+                response = _answer_of(self._direct.fetch(self._origin, raw, timeout))
         except httpx.HTTPError as exc:
             raise _unavailable(self.hub, exc) from exc
         return self._answer(response, run_id=run_id)
@@ -215,8 +643,10 @@ class AsyncClient(BaseClient):
 
     def __init__(self, hub: str | None = None, **options: Any) -> None:
         super().__init__(hub, **options)
+        self._direct = None if _proxied(self.hub) else _AsyncTransport(self.verify)
         self._http = httpx.AsyncClient(
-            base_url=self.hub, headers=self._headers(), timeout=self.timeout, verify=self.verify
+            base_url=self.hub, headers=self._headers(), timeout=self.timeout, verify=self.verify,
+            transport=self._direct,
         )
 
     async def __aenter__(self) -> Self:
@@ -231,8 +661,16 @@ class AsyncClient(BaseClient):
     async def _request(
         self, method: str, path: str, *, run_id: str | None = None, **kwargs: Any
     ) -> Any:
+        raw = None
+        if self._direct is not None and _on_asyncio():
+            raw = self._raw_request(method, path, kwargs)
         try:
-            response = await self._http.request(method, path, **kwargs)
+            if raw is None:
+                response = await self._http.request(method, path, **kwargs)
+            else:
+                assert self._direct is not None
+                timeout = kwargs.get("timeout", self.timeout)
+                response = _answer_of(await self._direct.fetch(self._origin, raw, timeout))
         except httpx.HTTPError as exc:
             raise _unavailable(self.hub, exc) from exc
         return self._answer(response, run_id=run_id)

@@ -21,7 +21,7 @@ log = logging.getLogger("tether.hub")
 
 def _base_protocol() -> type[Any]:
     try:  # uvicorn's own choice for http="auto"
-        import httptools  # type: ignore[import-not-found]  # noqa: F401
+        import httptools  # noqa: F401  (a dependency: uvicorn parses HTTP with it)
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
         return HttpToolsProtocol

@@ -4,25 +4,31 @@ This module is the I/O driver around :class:`~.scheduler.Scheduler`: it parses a
 requests, turns them into scheduler calls, and pumps frames between a runner's socket and its
 :class:`~tether.protocol.HubConnection`. Every malformed request gets a 4xx naming the field;
 every misbehaving runner gets a close code naming its fault; neither affects anyone else.
+
+The hot paths (submit, batch submit, read and wait for a run, the runner WebSocket) are served
+by a plain ASGI function in front of Starlette, with the same handlers, checks and answers as
+the Starlette routes behind it, which serve everything else (and these paths too, for a method
+they do not take). Starlette's middleware, routing and request objects cost the hub more than
+the store does per run; the front skips them where it matters.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import math
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+import urllib.parse
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route, WebSocketRoute
+from starlette.routing import Route
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ..protocol import (
@@ -34,10 +40,17 @@ from ..protocol import (
     ProtocolFailure,
     Welcome,
 )
+from ..protocol.codec import loads
+from ._json import dumps
 from .metrics import CONTENT_TYPE
 from .scheduler import Scheduler, Session, SubmitRequest
 
 __all__ = ["create_app"]
+
+type Scope = MutableMapping[str, Any]
+type Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+type Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+type ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 log = logging.getLogger("tether.hub")
 
@@ -52,8 +65,21 @@ class BadRequest(Exception):
         self.message = message
 
 
+class _Disconnected(Exception):
+    """The client went away before its request body arrived: nobody to answer."""
+
+
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
+
+
+class _JSON(Response):
+    """A JSON answer rendered like Starlette's JSONResponse, by the faster encoder."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return dumps(content)
 
 
 def _authorized(header: str | None, tokens: tuple[str, ...]) -> bool:
@@ -75,9 +101,47 @@ def create_app(
     producer_tokens: tuple[str, ...] = (),
     runner_tokens: tuple[str, ...] = (),
     lifespan: Callable[[], AsyncIterator[None]] | None = None,
-) -> Starlette:
+) -> ASGIApp:
     timings = scheduler.timings
     max_body = timings.max_message_bytes
+
+    # -- the handlers, on plain values: (status, JSON body) out, BadRequest for a 4xx --------
+
+    def parse_body(body: bytes | bytearray) -> Any:
+        try:
+            return loads(body)
+        except (ValueError, RecursionError) as exc:
+            raise BadRequest(400, f"request body is not valid JSON: {exc}") from None
+
+    async def do_submit(body: bytes | bytearray) -> tuple[int, Any]:
+        run = parse_run(parse_body(body), "run")
+        [(record, created)] = await scheduler.submit([run])
+        return (201 if created else 200), {"id": record.id, "state": record.state}
+
+    async def do_submit_batch(body: bytes | bytearray) -> tuple[int, Any]:
+        obj = parse_body(body)
+        if not isinstance(obj, dict) or not isinstance(obj.get("runs"), list):
+            raise BadRequest(400, "body must be an object with a list 'runs'")
+        runs = [parse_run(item, f"runs[{i}]") for i, item in enumerate(obj["runs"])]
+        stored = await scheduler.submit(runs)
+        return 201, {"ids": [record.id for record, _ in stored]}
+
+    def found(run_id: str, record: Any) -> tuple[int, Any]:
+        if record is None:
+            return 404, {"error": f"no run with id {run_id!r}"}
+        return 200, record.public()
+
+    async def do_get(run_id: str) -> tuple[int, Any]:
+        return found(run_id, await scheduler.get(run_id))
+
+    async def do_wait(run_id: str, raw: str) -> tuple[int, Any]:
+        try:
+            timeout = float(raw)
+        except ValueError:
+            raise BadRequest(400, f"timeout must be a number of seconds, got {raw!r}") from None
+        if not math.isfinite(timeout) or timeout < 0:
+            raise BadRequest(400, f"timeout must be a finite number >= 0, got {raw!r}")
+        return found(run_id, await scheduler.wait(run_id, min(timeout, MAX_WAIT_SECONDS)))
 
     def api(
         handler: Callable[[Request], Awaitable[Response]],
@@ -92,7 +156,7 @@ def create_app(
 
         return endpoint
 
-    async def read_json(request: Request) -> Any:
+    async def read_body(request: Request) -> bytearray:
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > max_body:
             raise BadRequest(413, f"request body of {length} bytes exceeds {max_body}")
@@ -101,10 +165,7 @@ def create_app(
             body += chunk
             if len(body) > max_body:
                 raise BadRequest(413, f"request body exceeds {max_body} bytes")
-        try:
-            return json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-            raise BadRequest(400, f"request body is not valid JSON: {exc}") from None
+        return body
 
     def parse_run(obj: Any, where: str) -> SubmitRequest:
         if not isinstance(obj, dict):
@@ -148,50 +209,30 @@ def create_app(
             delay=float(delay),
         )
 
+    def answer(status: int, body: Any) -> Response:
+        return _JSON(body, status_code=status)
+
     @api
     async def submit(request: Request) -> Response:
-        run = parse_run(await read_json(request), "run")
-        [(record, created)] = await scheduler.submit([run])
-        return JSONResponse(
-            {"id": record.id, "state": record.state}, status_code=201 if created else 200
-        )
+        return answer(*await do_submit(await read_body(request)))
 
     @api
     async def submit_batch(request: Request) -> Response:
-        body = await read_json(request)
-        if not isinstance(body, dict) or not isinstance(body.get("runs"), list):
-            raise BadRequest(400, "body must be an object with a list 'runs'")
-        runs = [parse_run(obj, f"runs[{i}]") for i, obj in enumerate(body["runs"])]
-        stored = await scheduler.submit(runs)
-        return JSONResponse({"ids": [record.id for record, _ in stored]}, status_code=201)
-
-    async def found(run_id: str, record: Any) -> Response:
-        if record is None:
-            return _error(404, f"no run with id {run_id!r}")
-        return JSONResponse(record.public())
+        return answer(*await do_submit_batch(await read_body(request)))
 
     @api
     async def get_run(request: Request) -> Response:
-        run_id = request.path_params["run_id"]
-        return await found(run_id, await scheduler.get(run_id))
+        return answer(*await do_get(request.path_params["run_id"]))
 
     @api
     async def wait_run(request: Request) -> Response:
-        run_id = request.path_params["run_id"]
         raw = request.query_params.get("timeout", "30")
-        try:
-            timeout = float(raw)
-        except ValueError:
-            raise BadRequest(400, f"timeout must be a number of seconds, got {raw!r}") from None
-        if not math.isfinite(timeout) or timeout < 0:
-            raise BadRequest(400, f"timeout must be a finite number >= 0, got {raw!r}")
-        record = await scheduler.wait(run_id, min(timeout, MAX_WAIT_SECONDS))
-        return await found(run_id, record)
+        return answer(*await do_wait(request.path_params["run_id"], raw))
 
     @api
     async def cancel_run(request: Request) -> Response:
         run_id = request.path_params["run_id"]
-        return await found(run_id, await scheduler.cancel(run_id))
+        return answer(*found(run_id, await scheduler.cancel(run_id)))
 
     @api
     async def runners(request: Request) -> Response:
@@ -226,9 +267,6 @@ def create_app(
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
-    async def connect(websocket: WebSocket) -> None:
-        await _serve_runner(websocket, scheduler, runner_tokens)
-
     @asynccontextmanager
     async def app_lifespan(app: Starlette) -> AsyncIterator[None]:
         if lifespan is None:
@@ -249,19 +287,107 @@ def create_app(
             Route("/v1/status", status, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
-            WebSocketRoute("/v1/connect", connect),
         ],
         lifespan=app_lifespan,
     )
     app.router.redirect_slashes = False  # an API answers 404 for a wrong path, not a redirect
-    return app
+
+    # -- the front: the hot paths as plain ASGI, the rest to Starlette ------------------------
+
+    async def read(receive: Receive, headers: dict[bytes, bytes]) -> bytes:
+        length = headers.get(b"content-length", b"").decode("latin-1")
+        if length.isdigit() and int(length) > max_body:
+            raise BadRequest(413, f"request body of {length} bytes exceeds {max_body}")
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _Disconnected
+            chunk = message.get("body", b"")
+            if chunk:
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > max_body:
+                    raise BadRequest(413, f"request body exceeds {max_body} bytes")
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def route(method: str, path: str) -> tuple[str, str] | None:
+        """Which hot path this is (and its run id), or None for Starlette."""
+        if method == "POST":
+            if path == "/v1/runs":
+                return "submit", ""
+            if path == "/v1/runs/batch":
+                return "batch", ""
+        elif method == "GET" and path.startswith("/v1/runs/"):
+            rest = path[len("/v1/runs/") :]
+            if rest and "/" not in rest:
+                return "get", rest
+            if rest.endswith("/wait") and (run_id := rest[: -len("/wait")]) and "/" not in run_id:
+                return "wait", run_id
+        return None
+
+    async def front(scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http" and (hot := route(scope["method"], scope["path"])) is not None:
+            headers = dict(scope["headers"])
+            if not _authorized(_latin1(headers.get(b"authorization")), producer_tokens):
+                await _respond(send, 401, {"error": "missing or invalid bearer token"})
+                return
+            which, run_id = hot
+            try:
+                if which == "submit":
+                    status, body = await do_submit(await read(receive, headers))
+                elif which == "batch":
+                    status, body = await do_submit_batch(await read(receive, headers))
+                elif which == "get":
+                    status, body = await do_get(run_id)
+                else:
+                    query = urllib.parse.parse_qsl(
+                        scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True
+                    )
+                    raw = dict(query).get("timeout", "30")
+                    status, body = await do_wait(run_id, raw)
+            except BadRequest as exc:
+                status, body = exc.status, {"error": exc.message}
+            except _Disconnected:
+                return
+            await _respond(send, status, body)
+        elif kind == "websocket" and scope["path"] == "/v1/connect":
+            await _serve_runner(scope, receive, send, scheduler, runner_tokens)
+        else:
+            await app(scope, receive, send)
+
+    return front
+
+
+def _latin1(value: bytes | None) -> str | None:
+    return None if value is None else value.decode("latin-1")
+
+
+async def _respond(send: Send, status: int, body: Any) -> None:
+    data = dumps(body)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-length", str(len(data)).encode()),
+                (b"content-type", b"application/json"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": data})
+
+
 
 
 class _Link:
     """The outgoing side of one runner's socket: a bounded queue and one writer task."""
 
-    def __init__(self, websocket: WebSocket) -> None:
-        self.websocket = websocket
+    def __init__(self, send: Send) -> None:
+        self._send = send  # the server's own ASGI send: no wrappers per frame
         self.frames: asyncio.Queue[bytes | None] = asyncio.Queue(OUTBOX_FRAMES)
         self.close_code: int = CloseCode.NORMAL
         self.close_reason = ""
@@ -283,13 +409,15 @@ class _Link:
                 self.frames.get_nowait()
 
     async def write(self) -> None:
+        send = self._send
         while (frame := await self.frames.get()) is not None:
-            await self.websocket.send_bytes(frame)
-        await self.websocket.close(self.close_code, self.close_reason[:120])
+            await send({"type": "websocket.send", "bytes": frame})
+        await send({"type": "websocket.close", "code": self.close_code,
+                    "reason": self.close_reason[:120]})  # fmt: skip
 
 
-async def _receive(websocket: WebSocket) -> bytes | str | None:
-    message = await websocket.receive()
+async def _receive(receive: Receive) -> bytes | str | None:
+    message = await receive()
     if message["type"] == "websocket.disconnect":
         return None
     data: bytes | str | None = message.get("bytes")
@@ -299,8 +427,11 @@ async def _receive(websocket: WebSocket) -> bytes | str | None:
 
 
 async def _serve_runner(
-    websocket: WebSocket, scheduler: Scheduler, tokens: tuple[str, ...]
+    scope: Scope, receive: Receive, send: Send, scheduler: Scheduler, tokens: tuple[str, ...]
 ) -> None:
+    # Starlette's WebSocket for the handshake and closing; frames go through the server's own
+    # receive and send.
+    websocket = WebSocket(scope, receive, send)
     timings = scheduler.timings
     peer = f"{websocket.client.host}:{websocket.client.port}" if websocket.client else "?"
     if not _authorized(websocket.headers.get("authorization"), tokens):
@@ -327,7 +458,7 @@ async def _serve_runner(
 
     try:
         async with asyncio.timeout(timings.handshake_timeout):
-            data = await _receive(websocket)
+            data = await _receive(receive)
     except TimeoutError:
         await fail(CloseCode.HANDSHAKE_TIMEOUT, "no hello within the handshake timeout")
         return
@@ -340,7 +471,7 @@ async def _serve_runner(
         await fail(event.code, event.reason)
         return
     assert isinstance(event, Hello)
-    link = _Link(websocket)
+    link = _Link(send)
     session = Session(
         conn,
         session_id=secrets.token_hex(8),
@@ -361,7 +492,7 @@ async def _serve_runner(
     writer = asyncio.get_running_loop().create_task(link.write())
     try:
         while not session.closed:
-            data = await _receive(websocket)
+            data = await _receive(receive)
             if data is None:
                 break
             event = conn.receive(data, time.monotonic())

@@ -2,9 +2,14 @@
 
 Coordination state lives here, in memory, on the event loop: ready queues per (queue,
 function), delayed runs, connected runner sessions, leases, waiters. The store is the durable
-record it is rebuilt from (:meth:`Scheduler.recover`). Every change of a run's state is written
-to the store *before* anyone is told about it: a dispatch is sent after the run is marked
-running, a ``result_ack`` after the outcome is stored, an API answer after the run is inserted.
+record it is rebuilt from (:meth:`Scheduler.recover`). An API answer goes out after the run is
+inserted, and a ``result_ack`` after the outcome is stored. A dispatch goes out as soon as its
+"running" mark (for a new run, its insert) is queued for the store, which writes operations in
+the order they were queued: anything the dispatch leads to (a result, a requeue, a cancel) is
+written after it. If the hub
+dies before that mark is written, the run is still "queued" in the store, one attempt behind
+the dispatch that went out: :meth:`Scheduler.recover` takes that attempt as possibly sent, so a
+runner that comes back with it is recognised, and the next dispatch uses a newer number.
 
 Nothing here touches a socket: sessions are given a ``send`` callable that queues a frame
 without blocking and a ``close`` callable; the WebSocket endpoint (:mod:`.app`) owns the rest.
@@ -44,9 +49,20 @@ from ..protocol import (
 )
 from .metrics import HubMetrics
 from .storage import StoreThread
-from .store import NewRun, RunRecord, new_run_id
+from .store import NewRun, RunRecord, RunState, Store, new_run_id
 
-__all__ = ["HubTimings", "Scheduler", "Session", "SubmitRequest"]
+__all__ = ["MAX_HOLD_PER_SLOT", "HubTimings", "Scheduler", "Session", "SubmitRequest"]
+
+# Runs waiting on a runner. A runner is sent, per slot (and per unit of a function's
+# concurrency), one run to run and some to wait there, so that it starts its next step the
+# moment one ends rather than a round trip to the hub later: as many as keep the slot busy for
+# about WAITING_MS, by how long the function's steps have been taking, at most
+# MAX_HOLD_PER_SLOT - 1. A function whose steps take longer than that gets none waiting (the
+# round trip is small beside its steps); one not seen yet gets one waiting per slot. Runs go
+# to the runner with the most room first, so they wait on a runner only while every runner is
+# busy. The runner accepts up to MAX_HOLD_PER_SLOT per slot (runner/connection.py).
+MAX_HOLD_PER_SLOT = 8
+WAITING_MS = 2.0
 
 log = logging.getLogger("tether.hub")
 run_log = logging.getLogger("tether.runs")
@@ -89,9 +105,26 @@ class _Run:
     kwargs: dict[str, Any]
     attempt: int
     not_before: float  # wall clock
+    created_at: float = 0.0
+    started_at: float | None = None  # wall clock of the first dispatch
+    idempotency_key: str | None = None
     failures: int = 0  # attempts that ended in a retryable error
     losses: int = 0  # attempts whose runner was lost
     settled: int = 0  # the newest attempt whose outcome is recorded
+    # An attempt a previous hub may have dispatched without recording it (see the module
+    # docstring): a runner reporting it is believed; the next dispatch goes past it.
+    unrecorded: int = 0
+
+    def finished_record(self, attempt: int, value: Any, now: float, runner_id: str) -> RunRecord:
+        """The stored record of this run once ``attempt`` succeeded with ``value``, for a run
+        whose record holds no errors (no attempt before it failed or was lost)."""
+        return RunRecord(
+            id=self.id, function=self.function, queue=self.queue, args=self.args,
+            kwargs=self.kwargs, state="succeeded", attempt=attempt, created_at=self.created_at,
+            not_before=self.not_before, started_at=self.started_at, finished_at=now,
+            runner_id=runner_id, result=value,
+            idempotency_key=self.idempotency_key,
+        )  # fmt: skip
 
     @classmethod
     def from_record(cls, record: RunRecord) -> _Run:
@@ -108,6 +141,9 @@ class _Run:
             kwargs=record.kwargs,
             attempt=record.attempt,
             not_before=record.not_before,
+            created_at=record.created_at,
+            started_at=record.started_at,
+            idempotency_key=record.idempotency_key,
             failures=failures,
             losses=len(record.errors) - failures,
             settled=settled,
@@ -149,11 +185,17 @@ class Session:
     def free_slots(self) -> int:
         return max(0, self.slots - len(self.in_flight))
 
-    def can_take(self, function: str) -> bool:
-        if self.closed or self.draining or len(self.in_flight) >= self.slots:
+    @property
+    def room(self) -> int:
+        """Slots free (positive), or runs waiting for a slot on the runner (negative)."""
+        return self.slots - len(self.in_flight)
+
+    def can_take(self, function: str, hold: int = 1) -> bool:
+        """Room for one more run of ``function``, holding up to ``hold`` per slot."""
+        if self.closed or self.draining or len(self.in_flight) >= self.slots * hold:
             return False
         limit = self.functions[function].concurrency
-        return limit is None or self.running[function] < limit
+        return limit is None or self.running[function] < limit * hold
 
     def send(self, message: Message) -> None:
         if self.closed:
@@ -193,8 +235,13 @@ class Scheduler:
         # Heartbeat statistics of runners that disconnected, by runner id: a runner that comes
         # back continues its record, so a gap spans the time it was away (or declared dead).
         self._heartbeat_history: dict[str, HeartbeatStats] = {}
-        self._waiters: dict[str, set[asyncio.Event]] = {}
-        self._wake = asyncio.Event()
+        # Long polls by run id: each gets the finished run's record, read back in the commit that
+        # finished it (or None, and reads the store itself).
+        self._waiters: dict[str, set[asyncio.Future[RunRecord | None]]] = {}
+        # How long each function's steps take, as runners report it (a moving average, ms).
+        self._step_ms: dict[str, float] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None  # while serve() runs
+        self._dispatch_due = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self.metrics = HubMetrics()
 
@@ -213,15 +260,19 @@ class Scheduler:
                 ref = RunRef(run_id=run.id, attempt=run.attempt)
                 self.leases.grant(ref, record.runner_id, grace)
             else:
+                run.unrecorded = run.attempt + 1
                 self._enqueue(run)
         if records:
             log.info("recovered %d unfinished runs from the store", len(records))
 
     async def serve(self) -> None:
         """Dispatch and keep time until cancelled."""
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._dispatch_loop())
-            tg.create_task(self._clock_loop())
+        self._loop = asyncio.get_running_loop()
+        self.wake()
+        try:
+            await self._clock_loop()
+        finally:
+            self._loop = None
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -234,7 +285,11 @@ class Scheduler:
             log.error("hub task failed", exc_info=task.exception())
 
     def wake(self) -> None:
-        self._wake.set()
+        """Dispatch what can be dispatched, once the current callback is done: everything that
+        freed slots or queued runs meanwhile is handled by one pass."""
+        if self._loop is not None and not self._dispatch_due:
+            self._dispatch_due = True
+            self._loop.call_soon(self._dispatch)
 
     # -- producers ----------------------------------------------------------------------------
 
@@ -258,16 +313,71 @@ class Scheduler:
             )
             for r in requests
         ]
-        stored = await self.storage.call(self.store.insert_runs, new)
+        # Runs a runner can take at once are stored as running in the same commit as their
+        # insert, and dispatched while that commit is being written: the step runs while the
+        # API answer waits for the commit. (Should the commit fail, or the hub die first, the
+        # producer was never told the run was accepted, and its result will be refused: a run
+        # that was not accepted may still have run once.)
+        starts = self._claim_new(new, now)
+        marks = [(run.id, run.attempt, session.runner_id, now) for session, run in starts]
+        insert = self.storage.submit(_insert_runs, self.store, new, marks)
+        if starts:
+            self._send_dispatches(starts, now, log_running=False)  # logged once stored
+        try:
+            stored = await insert
+        except BaseException:
+            for session, run in starts:
+                self.runs.pop(run.id, None)
+                self._unqueue(run)
+                if self.leases.holds(RunRef(run_id=run.id, attempt=run.attempt), session.runner_id):
+                    self.leases.release(run.id)
+                    self._release(session, run.id, run.function)
+            raise
+        started = {run.id: (session, run) for session, run in starts}
         for record, created in stored:
             if created:
-                run = _Run.from_record(record)
-                self.runs[run.id] = run
-                self._enqueue(run)
-                self.metrics.submitted.labels(run.function).inc()
+                start = started.get(record.id)
+                if start is None:
+                    run = _Run.from_record(record)
+                    self.runs[run.id] = run
+                    self._enqueue(run)
+                else:
+                    run = start[1]  # (it may have finished already: it is logged all the same)
+                self.metrics.function(run.function).submitted.inc()
                 _log_run(run, "queued")
+                if start is not None:
+                    _log_run(run, "running", runner=start[0].runner_id)
         self.wake()
         return stored
+
+    def _claim_new(self, new: Sequence[NewRun], now: float) -> list[tuple[Session, _Run]]:
+        """Slots and leases for the new runs a runner can take right now, in order; a run that
+        is delayed, has an idempotency key (it may turn out to exist already), or would
+        overtake runs already waiting in its queue is left to the queue."""
+        starts: list[tuple[Session, _Run]] = []
+        blocked: set[tuple[str, str]] = set()
+        expires = time.monotonic() + self.timings.lease
+        for n in new:
+            key = (n.queue, n.function)
+            if key in blocked:
+                continue
+            session = None
+            if n.idempotency_key is None and n.not_before <= now and not self._ready.get(key):
+                session = self._pick(n.function, n.queue)
+            if session is None:
+                blocked.add(key)
+                continue
+            run = _Run(id=n.id, function=n.function, queue=n.queue, args=n.args,
+                       kwargs=n.kwargs, attempt=1, not_before=n.not_before,
+                       created_at=n.created_at, started_at=now)  # fmt: skip
+            # Known before its insert commits, so that a runner lost meanwhile requeues it
+            # (the requeue is written after the insert: the store thread keeps their order).
+            self.runs[run.id] = run
+            session.take(run.id, run.attempt, run.function)
+            self.leases.grant(RunRef(run_id=run.id, attempt=run.attempt), session.runner_id,
+                              expires)  # fmt: skip
+            starts.append((session, run))
+        return starts
 
     async def get(self, run_id: str) -> RunRecord | None:
         return await self.storage.call(self.store.get, run_id)
@@ -275,17 +385,19 @@ class Scheduler:
     async def wait(self, run_id: str, timeout: float) -> RunRecord | None:
         """The run once it is finished, or as it is when ``timeout`` passes."""
         if run_id in self.runs and timeout > 0:
-            event = asyncio.Event()
-            self._waiters.setdefault(run_id, set()).add(event)
+            waiter: asyncio.Future[RunRecord | None] = asyncio.get_running_loop().create_future()
+            self._waiters.setdefault(run_id, set()).add(waiter)
             try:
                 async with asyncio.timeout(timeout):
-                    await event.wait()
+                    record = await waiter
+                if record is not None:
+                    return record  # read back in the commit that finished it
             except TimeoutError:
                 pass
             finally:
                 waiters = self._waiters.get(run_id)
                 if waiters is not None:
-                    waiters.discard(event)
+                    waiters.discard(waiter)
                     if not waiters:
                         del self._waiters[run_id]
         return await self.get(run_id)
@@ -298,19 +410,26 @@ class Scheduler:
             if lease is not None:
                 session = self.sessions.get(lease.holder)
                 if session is not None:
-                    session.release(run_id, run.function)
+                    self._release(session, run_id, run.function)
                     session.send(Cancel(run_id=run_id, attempt=lease.ref.attempt))
             else:
                 self._unqueue(run)
-            self.metrics.cancelled.labels(run.function).inc()
+            self.metrics.function(run.function).cancelled.inc()
             _log_run(run, "cancelled")
-            self._finished(run_id)
+            self._finished(run_id, record)
             self.wake()
         return record
 
-    def _finished(self, run_id: str) -> None:
-        for event in self._waiters.pop(run_id, ()):
-            event.set()
+    def _finished(self, run_id: str, record: RunRecord | None = None) -> None:
+        for waiter in self._waiters.pop(run_id, ()):
+            if not waiter.done():
+                waiter.set_result(record)
+
+    def _release(self, session: Session, run_id: str, function: str) -> None:
+        """Free ``run_id``'s slot on ``session``; the dispatcher may fill it at once, so that
+        its store write shares a commit with the one that freed it."""
+        session.release(run_id, function)
+        self.wake()
 
     # -- queues -------------------------------------------------------------------------------
 
@@ -334,13 +453,21 @@ class Scheduler:
             depths[queue] += len(ready)
         return dict(depths)
 
+    def _hold(self, function: str) -> int:
+        """Runs per slot a runner may hold for ``function``: see :data:`WAITING_MS`."""
+        step_ms = self._step_ms.get(function)
+        if step_ms is None:
+            return 2
+        return 1 + min(MAX_HOLD_PER_SLOT - 1, int(WAITING_MS / max(step_ms, 0.01)))
+
     def _pick(self, function: str, queue: str) -> Session | None:
         best: Session | None = None
+        hold = self._hold(function)
         for runner_id in self._serving.get(function, ()):
             session = self.sessions[runner_id]
-            if session.functions[function].queue != queue or not session.can_take(function):
+            if session.functions[function].queue != queue or not session.can_take(function, hold):
                 continue
-            if best is None or session.free_slots > best.free_slots:
+            if best is None or session.room > best.room:
                 best = session
         return best
 
@@ -355,7 +482,7 @@ class Scheduler:
                 run = self.runs.get(ready.popleft())
                 if run is None:  # cancelled while queued
                     continue
-                run.attempt += 1
+                run.attempt = max(run.attempt, run.unrecorded) + 1
                 session.take(run.id, run.attempt, function)
                 self.leases.grant(
                     RunRef(run_id=run.id, attempt=run.attempt), session.runner_id, expires
@@ -363,36 +490,50 @@ class Scheduler:
                 assignments.append((session, run))
         return assignments
 
-    async def _dispatch_loop(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            assignments = self._assign()
-            if not assignments:
-                continue
-            now = time.time()
-            marks = [(run.id, run.attempt, session.runner_id, now) for session, run in assignments]
-            await self.storage.call(_mark_running_many, self.store, marks)
-            lease_ms = int(self.timings.lease * 1000)
-            for session, run in assignments:
-                # The lease may be gone already (cancelled while we were writing): skip it.
-                if self.leases.holds(RunRef(run_id=run.id, attempt=run.attempt), session.runner_id):
-                    timeout = session.functions[run.function].timeout
-                    session.send(
-                        Dispatch(
-                            run_id=run.id,
-                            attempt=run.attempt,
-                            function=run.function,
-                            args=run.args,
-                            kwargs=run.kwargs,
-                            lease_ms=lease_ms,
-                            timeout=timeout,
-                        )
+    def _dispatch(self) -> None:
+        self._dispatch_due = False
+        if self._loop is None:
+            return
+        assignments = self._assign()
+        if not assignments:
+            return
+        now = time.time()
+        marks = []
+        for session, run in assignments:
+            marks.append((run.id, run.attempt, session.runner_id, now))
+            if run.started_at is None:
+                run.started_at = now
+        # Queued now, written in the background (and before anything queued after it); the
+        # dispatches go out at once rather than a commit later.
+        self.storage.submit(_mark_running_many, self.store, marks).add_done_callback(
+            _log_store_failure
+        )
+        self._send_dispatches(assignments, now)
+
+    def _send_dispatches(
+        self, assignments: list[tuple[Session, _Run]], now: float, *, log_running: bool = True
+    ) -> None:
+        """Send the dispatches of runs marked running in the store."""
+        lease_ms = int(self.timings.lease * 1000)
+        for session, run in assignments:
+            # The lease may be gone already (cancelled while we were writing): skip it.
+            if self.leases.holds(RunRef(run_id=run.id, attempt=run.attempt), session.runner_id):
+                timeout = session.functions[run.function].timeout
+                session.send(
+                    Dispatch(
+                        run_id=run.id,
+                        attempt=run.attempt,
+                        function=run.function,
+                        args=run.args,
+                        kwargs=run.kwargs,
+                        lease_ms=lease_ms,
+                        timeout=timeout,
                     )
-                    self.metrics.started.labels(run.function).inc()
-                    self.metrics.queue_wait.labels(run.function).observe(
-                        max(0.0, now - run.not_before)
-                    )
+                )
+                metrics = self.metrics.function(run.function)
+                metrics.started.inc()
+                metrics.queue_wait.observe(max(0.0, now - run.not_before))
+                if log_running:
                     _log_run(run, "running", runner=session.runner_id)
 
     async def _clock_loop(self) -> None:
@@ -440,7 +581,7 @@ class Scheduler:
         run = self.runs.get(ref.run_id)
         session = self.sessions.get(holder)
         if session is not None:
-            session.release(ref.run_id, run.function if run else "")
+            self._release(session, ref.run_id, run.function if run else "")
             session.send(LeaseLost(run_id=ref.run_id, attempt=ref.attempt, reason=why))
         if run is None:
             return
@@ -454,7 +595,7 @@ class Scheduler:
         if run.losses >= self.timings.max_deliveries:
             await self._fail(run, ref.attempt, error)
             return
-        self.metrics.lost.labels(run.function).inc()
+        self.metrics.function(run.function).lost.inc()
         _log_run(run, "queued", reason=why)
         await self.storage.call(
             self.store.requeue, run.id, ref.attempt, not_before=time.time(), error=error
@@ -464,13 +605,14 @@ class Scheduler:
         self.wake()
 
     async def _fail(self, run: _Run, attempt: int, error: dict[str, Any]) -> None:
-        await self.storage.call(
-            self.store.finish, run.id, attempt, "failed", error=error, now=time.time()
-        )
+        record = await self.storage.call(
+            _finish, self.store, run.id, attempt, "failed", None, error, time.time(),
+            run.id in self._waiters,
+        )  # fmt: skip
         self.runs.pop(run.id, None)
-        self.metrics.failed.labels(run.function).inc()
+        self.metrics.function(run.function).failed.inc()
         _log_run(run, "failed", error=error["type"])
-        self._finished(run.id)
+        self._finished(run.id, record)
 
     # -- runners ------------------------------------------------------------------------------
 
@@ -502,11 +644,15 @@ class Scheduler:
                 # runner, so give it back its lease rather than run it twice.
                 self._unqueue(run)
                 self._held.pop(run.id, None)
+                run.attempt = max(run.attempt, ref.attempt)
+                now = time.time()
+                if run.started_at is None:
+                    run.started_at = now
                 self.leases.grant(ref, session.runner_id, expires)
                 session.take(ref.run_id, ref.attempt, run.function)
                 self._spawn(
                     self.storage.call(
-                        self.store.mark_running, run.id, ref.attempt, session.runner_id, time.time()
+                        self.store.mark_running, run.id, ref.attempt, session.runner_id, now
                     )
                 )
                 _log_run(run, "running", runner=session.runner_id, reason="reattached")
@@ -577,7 +723,7 @@ class Scheduler:
         if run is None or not self.leases.holds(ref, session.runner_id):
             return
         self.leases.release(run.id)
-        session.release(run.id, run.function)
+        self._release(session, run.id, run.function)
         if message.reason == "draining":
             session.draining = True
         log.info("runner %s rejected run %s: %s", session.runner_id, run.id, message.reason)
@@ -594,7 +740,9 @@ class Scheduler:
         lease = self.leases.get(run.id)
         if lease is not None:
             return lease.ref == ref
-        return run.attempt == ref.attempt and run.settled < ref.attempt
+        if run.settled >= ref.attempt:
+            return False
+        return ref.attempt == run.attempt or ref.attempt == run.unrecorded
 
     async def _on_result(self, session: Session, result: Result) -> None:
         ref = RunRef(run_id=result.run_id, attempt=result.attempt)
@@ -612,24 +760,46 @@ class Scheduler:
             session.send(ResultAck(run_id=result.run_id, attempt=result.attempt))
             return
         run.settled = ref.attempt
+        previous = self._step_ms.get(run.function)
+        self._step_ms[run.function] = (
+            result.duration_ms if previous is None else previous * 0.9 + result.duration_ms * 0.1
+        )
         lease = self.leases.release(run.id)
         if lease is not None:
             holder = self.sessions.get(lease.holder)
             if holder is not None:
-                holder.release(run.id, run.function)
+                self._release(holder, run.id, run.function)
         else:  # a lost attempt's late result: take the run back out of the queue
             self._held.pop(run.id, None)
             self._unqueue(run)
         now = time.time()
+        if ref.attempt > run.attempt:
+            # The attempt a previous hub dispatched without recording it: record it now (the
+            # store fences outcomes on the attempt), before the outcome below.
+            run.attempt = ref.attempt
+            if run.started_at is None:
+                run.started_at = now
+            self.storage.submit(
+                self.store.mark_running, run.id, ref.attempt, session.runner_id, now
+            ).add_done_callback(_log_store_failure)
         if result.ok:
-            await self.storage.call(
-                self.store.finish, run.id, ref.attempt, "succeeded", result=result.value, now=now
-            )
+            # Someone waits for it: the run as it now is goes to them from the commit. Built
+            # here when nothing but this outcome is in its record, else read back in it.
+            waited = run.id in self._waiters
+            known = waited and run.failures == 0 and run.losses == 0
+            record = await self.storage.call(
+                _finish, self.store, run.id, ref.attempt, "succeeded", result.value, None, now,
+                waited and not known,
+            )  # fmt: skip
+            if known:
+                runner_id = lease.holder if lease is not None else session.runner_id
+                record = run.finished_record(ref.attempt, result.value, now, runner_id)
             self.runs.pop(run.id, None)
-            self.metrics.succeeded.labels(run.function).inc()
-            self.metrics.duration.labels(run.function).observe(result.duration_ms / 1000)
+            metrics = self.metrics.function(run.function)
+            metrics.succeeded.inc()
+            metrics.duration.observe(result.duration_ms / 1000)
             _log_run(run, "succeeded", duration_ms=result.duration_ms)
-            self._finished(run.id)
+            self._finished(run.id, record)
         else:
             assert result.error is not None
             error = {
@@ -646,7 +816,7 @@ class Scheduler:
                 await self.storage.call(
                     self.store.requeue, run.id, ref.attempt, not_before=run.not_before, error=error
                 )
-                self.metrics.retried.labels(run.function).inc()
+                self.metrics.function(run.function).retried.inc()
                 _log_run(run, "queued", error=error["type"], retry=f"{run.failures}/{retries}",
                          delay_s=delay)  # fmt: skip
                 self._enqueue(run)
@@ -686,6 +856,13 @@ class Scheduler:
         return views
 
 
+def _log_store_failure(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        # The runs stay leased: if their runner never reports, their leases expire and they
+        # are queued again, which the store records.
+        log.error("store: could not mark dispatched runs running: %s", future.exception())
+
+
 def _log_run(run: _Run, state: str, **details: Any) -> None:
     """One log line per state change of a run; the fields are structured for JSON logs."""
     if not run_log.isEnabledFor(logging.INFO):
@@ -712,6 +889,33 @@ def _retry_policy(info: FunctionInfo | dict[str, Any] | None) -> tuple[int, floa
     return int(info.get("retries", 0)), float(info.get("backoff", 1.0))
 
 
-def _mark_running_many(store: Any, marks: list[tuple[str, int, str, float]]) -> None:
-    for run_id, attempt, runner_id, now in marks:
-        store.mark_running(run_id, attempt, runner_id, now)
+# Store operations the scheduler composes from Store methods: each runs on the store thread as
+# one operation of a group commit.
+
+
+def _mark_running_many(store: Store, marks: list[tuple[str, int, str, float]]) -> None:
+    if marks:
+        store.mark_running_many(marks)
+
+
+def _insert_runs(
+    store: Store, new: Sequence[NewRun], marks: list[tuple[str, int, str, float]]
+) -> list[tuple[RunRecord, bool]]:
+    stored = store.insert_runs(new)
+    _mark_running_many(store, marks)
+    return stored
+
+
+def _finish(
+    store: Store,
+    run_id: str,
+    attempt: int,
+    state: RunState,
+    result: Any,
+    error: dict[str, Any] | None,
+    now: float,
+    read: bool,
+) -> RunRecord | None:
+    """Record an outcome; with ``read``, the run as it now is (someone is waiting for it)."""
+    store.finish(run_id, attempt, state, result=result, error=error, now=now)
+    return store.get(run_id) if read else None

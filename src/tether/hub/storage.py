@@ -2,9 +2,13 @@
 
 The event loop never touches the database. It hands each operation to :class:`StoreThread`
 and awaits the answer; the thread takes every operation waiting at that moment, runs them in
-one transaction (each under its own savepoint, so one failing operation does not undo the
-others) and commits once. Under load many submits and results share one commit; at rest an
-operation commits alone, at once.
+one transaction and commits once. Under load many submits and results share one commit; at
+rest an operation commits alone, at once.
+
+One failing operation must not undo the others. Operations almost never fail, so a batch first
+runs without savepoints (two statements fewer per operation); only if one raises is the
+transaction rolled back and the batch run again with each operation under its own savepoint.
+Store operations only touch the database, so running one again after a rollback is safe.
 """
 
 from __future__ import annotations
@@ -50,12 +54,17 @@ class StoreThread:
 
     async def call[T](self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run ``fn(*args, **kwargs)`` (a Store method) on the store thread, committed."""
+        return await self.submit(fn, *args, **kwargs)
+
+    def submit[T](self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> asyncio.Future[T]:
+        """Queue ``fn(*args, **kwargs)`` now; the future is done once it is committed.
+        Operations are written in the order they were queued."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         if kwargs:
             fn = functools.partial(fn, **kwargs)
         self._ops.put((fn, args, future, loop))
-        return await future
+        return future
 
     def _serve(self) -> None:
         while True:
@@ -78,16 +87,14 @@ class StoreThread:
                 return
 
     def _run_batch(self, batch: list[_Op]) -> None:
-        results: list[tuple[bool, Any]] = []
         try:
-            with self.store.transaction():
-                for fn, args, _, _ in batch:
-                    try:
-                        with self.store.savepoint():
-                            results.append((True, fn(*args)))
-                    except Exception as exc:  # one bad operation must not undo the batch
-                        results.append((False, _as_store_error(exc)))
-            self.commits += 1
+            results = self._commit(batch, isolated=False)
+        except _OperationFailed:
+            try:
+                results = self._commit(batch, isolated=True)
+            except Exception as exc:
+                log.error("store commit failed for %d operations: %s", len(batch), exc)
+                results = [(False, _as_store_error(exc))] * len(batch)
         except Exception as exc:
             log.error("store commit failed for %d operations: %s", len(batch), exc)
             results = [(False, _as_store_error(exc))] * len(batch)
@@ -99,6 +106,32 @@ class StoreThread:
                 loop.call_soon_threadsafe(_resolve, items)
             except RuntimeError:  # that loop is closed: nobody is waiting any more
                 pass
+
+
+    def _commit(self, batch: list[_Op], *, isolated: bool) -> list[tuple[bool, Any]]:
+        """Run ``batch`` in one transaction. Not ``isolated``: the first operation to raise
+        rolls everything back (:class:`_OperationFailed`). ``isolated``: each operation has a
+        savepoint, and one that raises is undone alone and answered with its error."""
+        results: list[tuple[bool, Any]] = []
+        with self.store.transaction():
+            for fn, args, _, _ in batch:
+                if not isolated:
+                    try:
+                        results.append((True, fn(*args)))
+                    except Exception as exc:
+                        raise _OperationFailed from exc
+                    continue
+                try:
+                    with self.store.savepoint():
+                        results.append((True, fn(*args)))
+                except Exception as exc:  # one bad operation must not undo the batch
+                    results.append((False, _as_store_error(exc)))
+        self.commits += 1
+        return results
+
+
+class _OperationFailed(Exception):
+    """An operation of a batch run without savepoints raised: run the batch again, isolated."""
 
 
 def _as_store_error(exc: Exception) -> Exception:

@@ -8,10 +8,16 @@ reconnects with jittered backoff forever.
 
 It never runs user code and never blocks: steps run in isolation units on other threads or
 processes, so a step that holds its GIL for minutes cannot delay a heartbeat.
+
+The WebSocket itself is websockets' sans-I/O client protocol driven by :class:`_Socket`, a
+plain asyncio protocol: each frame from the hub is handled in the call that read it, and each
+frame to the hub is written in the call that made it. No queue, lock or task per message: the
+high-level client spent more of the runner's time on those than on anything else.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -19,13 +25,17 @@ import random
 import socket
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import anyio
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Response
+from websockets.protocol import State
 from websockets.typing import Subprotocol
+from websockets.uri import parse_uri
 
 from .. import __version__
 from .._step import encode_request
@@ -55,6 +65,7 @@ from ..protocol import (
     Welcome,
     encode,
 )
+from ..protocol.codec import loads
 from .isolation import Backend
 
 __all__ = ["EXIT_DRAINED", "EXIT_FATAL", "EXIT_RESTART", "HubLink"]
@@ -65,7 +76,14 @@ EXIT_DRAINED = 0
 EXIT_FATAL = 2
 EXIT_RESTART = 75  # abandoned units piled up: the supervisor re-executes the runner
 
+# A runner holds up to this many runs per slot (and per unit of a function's concurrency): one
+# running, the others waiting their turn here, so that a slot that frees starts its next step
+# at once instead of a round trip to the hub later. The hub decides how many to send, no more
+# than this (scheduler.py, MAX_HOLD_PER_SLOT); a step's timeout starts when it starts running.
+MAX_HOLD_PER_SLOT = 8
+
 HANDSHAKE_TIMEOUT = 10.0
+CLOSE_TIMEOUT = 2.0  # after a close frame, how long the hub has to close the TCP connection
 BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 5.0
 
@@ -77,6 +95,162 @@ def ws_url(hub: str) -> str:
     elif hub.startswith("http://"):
         hub = "ws://" + hub[len("http://") :]
     return hub + "/v1/connect"
+
+
+class _Socket(asyncio.Protocol):
+    """One WebSocket to the hub: websockets' sans-I/O :class:`ClientProtocol` over an asyncio
+    transport (the pattern of websockets' ``docs/howto/sansio.rst``).
+
+    Whole messages go to ``on_message`` from inside ``data_received``; until it is set (the
+    handshake) they wait for :meth:`first_message`. :meth:`send` writes at once, except while a
+    read is being handled: what that read produced (acks for dispatches that arrived together)
+    leaves in one write, after the steps it started are on their way.
+    """
+
+    def __init__(self, protocol: ClientProtocol) -> None:
+        self.protocol = protocol
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.on_message: Callable[[bytes], None] | None = None
+        self._early: list[bytes] = []
+        self._waiter: asyncio.Future[None] | None = None
+        self._fragments: list[bytes] = []
+        self._corked = False
+        self._close_timer: asyncio.TimerHandle | None = None
+        self.handshake: asyncio.Future[None] = loop.create_future()
+        self.closed: asyncio.Future[None] = loop.create_future()
+
+    # -- asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.protocol.receive_data(data)
+        corked, self._corked = self._corked, True
+        try:
+            self._process()
+        finally:
+            # What this read produced (acks) is written once the steps it started have been
+            # handed to their units: the tasks it created run first, then this callback.
+            if not corked:
+                self._loop.call_soon(self._uncork)
+
+    def eof_received(self) -> bool | None:
+        self.protocol.receive_eof()
+        self._process()
+        self._flush()
+        return None  # the transport closes itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+        if not self.handshake.done():
+            self.handshake.set_exception(exc or ConnectionError("the hub closed the connection"))
+        if not self.closed.done():
+            self.closed.set_result(None)
+        self._wake()
+
+    # -- frames -----------------------------------------------------------------------------
+
+    def _process(self) -> None:
+        for event in self.protocol.events_received():
+            if isinstance(event, Frame):
+                opcode = event.opcode
+                if opcode is Opcode.BINARY or opcode is Opcode.TEXT:
+                    if event.fin:
+                        self._deliver(bytes(event.data))
+                    else:
+                        self._fragments = [bytes(event.data)]
+                elif opcode is Opcode.CONT and self._fragments:
+                    self._fragments.append(bytes(event.data))
+                    if event.fin:
+                        data, self._fragments = b"".join(self._fragments), []
+                        self._deliver(data)
+                # PING: the protocol queued its PONG already; PONG and CLOSE: nothing to do.
+            elif isinstance(event, Response) and not self.handshake.done():
+                if self.protocol.handshake_exc is not None:
+                    self.handshake.set_exception(self.protocol.handshake_exc)
+                else:
+                    self.handshake.set_result(None)
+        if self.protocol.close_expected() and self._close_timer is None:
+            self._close_timer = self._loop.call_later(CLOSE_TIMEOUT, self._abort)
+
+    def _deliver(self, data: bytes) -> None:
+        if self.on_message is not None:
+            self.on_message(data)
+        else:
+            self._early.append(data)
+            self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def first_message(self) -> bytes | None:
+        """The first message (the hub's welcome); None if the connection closed first."""
+        while not self._early:
+            if self.closed.done():
+                return None
+            self._waiter = self._loop.create_future()
+            await self._waiter
+        return self._early.pop(0)
+
+    def start(self, on_message: Callable[[bytes], None]) -> None:
+        """From now on, hand each message to ``on_message`` as it arrives."""
+        self.on_message = on_message
+        early, self._early = self._early, []
+        for data in early:
+            on_message(data)
+
+    # -- sending and closing ------------------------------------------------------------------
+
+    @property
+    def open(self) -> bool:
+        return self.protocol.state is State.OPEN and not self.closed.done()
+
+    def send(self, frame: bytes) -> None:
+        if not self.open:
+            return  # results are sent again after reconnecting; the rest does not matter
+        self.protocol.send_binary(frame)
+        if not self._corked:
+            self._corked = True
+            self._loop.call_soon(self._uncork)
+
+    def _uncork(self) -> None:
+        self._corked = False
+        self._flush()
+
+    def _flush(self) -> None:
+        transport = self.transport
+        writes = self.protocol.data_to_send()
+        if transport is None or transport.is_closing() or not writes:
+            return
+        data = b"".join(writes)
+        if data:
+            transport.write(data)
+        if not writes[-1] and transport.can_write_eof():  # SEND_EOF: half-close
+            transport.write_eof()
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        """Start the closing handshake; the hub closes the TCP connection (or we do, after
+        :data:`CLOSE_TIMEOUT`)."""
+        if self.protocol.state is State.OPEN:
+            self.protocol.send_close(code, reason)
+            self._flush()
+            if self._close_timer is None:
+                self._close_timer = self._loop.call_later(CLOSE_TIMEOUT, self._abort)
+        elif self.transport is not None and self.protocol.state is not State.CLOSING:
+            self.transport.close()
+
+    def _abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self.closed)
 
 
 class _Step:
@@ -118,11 +292,16 @@ class HubLink:
         self.max_abandoned = max_abandoned
         self.outbox = ResultOutbox()
         self.steps: dict[str, _Step] = {}  # by run id
-        self.running: dict[str, int] = {name: 0 for name in self.specs}
+        self.running: dict[str, int] = {name: 0 for name in self.specs}  # held, by function
+        # Held steps start in turn: a function's concurrency first, then a slot. A step's clock
+        # (its reported duration) starts with its slot.
+        self._turns = {name: anyio.Semaphore(spec.concurrency) for name, spec in self.specs.items()
+                       if spec.concurrency is not None}  # fmt: skip
+        self._slots = anyio.Semaphore(slots)
         self.draining = False
         self.exit_code = EXIT_DRAINED
         self.connected = anyio.Event()
-        self._ws: ClientConnection | None = None
+        self._sock: _Socket | None = None
         self._conn: RunnerConnection | None = None
         self._steps_tg: anyio.abc.TaskGroup | None = None
         self._stop = anyio.Event()
@@ -149,7 +328,7 @@ class HubLink:
             return
         self.draining = True
         log.info("draining (%s): %d runs in flight", reason, len(self.steps))
-        await self._send(encode(Draining()))
+        self._send(encode(Draining()))
         with anyio.move_on_after(self.drain_grace):
             while self.steps:
                 await self._wait_idle()
@@ -191,27 +370,42 @@ class HubLink:
             draining=self.draining,
         )
 
+    async def _open(self) -> _Socket:
+        """Connect and complete the WebSocket handshake (no compression, no size limit: we
+        enforce the one the hub sets in ``welcome``; no pings: liveness is our heartbeat)."""
+        uri = parse_uri(self.url)
+        protocol = ClientProtocol(uri, subprotocols=[Subprotocol(SUBPROTOCOL)], max_size=None)
+        request = protocol.connect()
+        if self.token:
+            request.headers["Authorization"] = f"Bearer {self.token}"
+        request.headers["User-Agent"] = f"tether-runner/{__version__}"
+        context = None
+        if uri.secure:
+            context = self.ssl_context or ssl.create_default_context()
+        sock = _Socket(protocol)
+        try:
+            with anyio.fail_after(HANDSHAKE_TIMEOUT):
+                await asyncio.get_running_loop().create_connection(
+                    lambda: sock, uri.host, uri.port, ssl=context
+                )
+                protocol.send_request(request)
+                sock._flush()
+                await sock.handshake
+        except BaseException:
+            sock._abort()
+            raise
+        return sock
+
     async def _connect_forever(self, scope: anyio.CancelScope) -> None:
         delay = BACKOFF_FIRST
         last_logged: tuple[str, float] | None = None
-        headers = {"authorization": f"Bearer {self.token}"} if self.token else {}
         while True:
+            sock: _Socket | None = None
             try:
-                async with connect(
-                    self.url,
-                    subprotocols=[Subprotocol(SUBPROTOCOL)],
-                    additional_headers=headers,
-                    ssl=self.ssl_context if self.url.startswith("wss://") else None,
-                    open_timeout=HANDSHAKE_TIMEOUT,
-                    ping_interval=None,  # liveness is our own heartbeat, judged by the hub
-                    close_timeout=2,
-                    max_size=None,  # we enforce the limit the hub sets in welcome
-                    compression=None,
-                    user_agent_header=f"tether-runner/{__version__}",
-                ) as ws:
-                    delay = BACKOFF_FIRST
-                    last_logged = None
-                    await self._serve(ws)
+                sock = await self._open()
+                delay = BACKOFF_FIRST
+                last_logged = None
+                await self._serve(sock)
             except BaseException as raised:
                 # Task groups wrap what their tasks raise; judge the innermost error.
                 exc = _innermost(raised)
@@ -229,19 +423,24 @@ class HubLink:
                     log.warning("hub %s: %s; retrying in %.1fs", self.url, reason, delay)
                     last_logged = (reason, delay)
             finally:
-                self._ws = None
+                self._sock = None
                 self._conn = None
                 self.connected = anyio.Event()
+                if sock is not None:
+                    sock.close()
             await anyio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, BACKOFF_MAX)
 
-    async def _serve(self, ws: ClientConnection) -> None:
+    async def _serve(self, sock: _Socket) -> None:
         conn = RunnerConnection(self._hello())
-        await ws.send(conn.opening_frame())
+        sock.send(conn.opening_frame())
         with anyio.fail_after(HANDSHAKE_TIMEOUT):
-            event = conn.receive(await ws.recv(), time.monotonic())
+            data = await sock.first_message()
+        if data is None:
+            raise ConnectionClosed(None, None)
+        event = conn.receive(data, time.monotonic())
         if isinstance(event, ProtocolFailure):
-            await ws.close(event.code, event.reason[:120])
+            sock.close(event.code, event.reason[:120])
             raise ProtocolError(event.code, event.reason)
         assert isinstance(event, Welcome)
         log.info(
@@ -250,36 +449,45 @@ class HubLink:
             self.runner_id,
             event.heartbeat_interval_ms,
         )
-        self._ws, self._conn = ws, conn
+        self._sock, self._conn = sock, conn
         self.connected.set()
         # Results kept from before the reconnect go first; the hub fences stale ones.
         for result in self.outbox.pending():
-            await ws.send(encode(result))
+            sock.send(encode(result))
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self._heartbeats, ws, conn, tg.cancel_scope)
-            tg.start_soon(self._extensions, ws, event)
-            async for data in ws:
-                event2 = conn.receive(data, time.monotonic())
-                if isinstance(event2, ProtocolFailure):
-                    log.error("hub broke the protocol: %s", event2.reason)
-                    await ws.close(event2.code, event2.reason[:120])
-                    break
-                if isinstance(event2, Closing):
-                    log.info("hub is closing (%s): reconnecting", event2.reason or "no reason")
-                    await ws.close()
-                    break
-                self._on_message(event2)
+            tg.start_soon(self._heartbeats, sock, conn, tg.cancel_scope)
+            tg.start_soon(self._extensions, sock, event)
+            sock.start(lambda frame: self._on_frame(sock, conn, frame))
+            await sock.wait_closed()
             tg.cancel_scope.cancel()
         raise ConnectionClosed(None, None)
 
+    def _on_frame(self, sock: _Socket, conn: RunnerConnection, data: bytes) -> None:
+        """One message from the hub, handled in the call that read it."""
+        if not sock.open:
+            return  # closing: what still arrives does not matter
+        try:
+            event = conn.receive(data, time.monotonic())
+            if isinstance(event, ProtocolFailure):
+                log.error("hub broke the protocol: %s", event.reason)
+                sock.close(event.code, event.reason[:120])
+            elif isinstance(event, Closing):
+                log.info("hub is closing (%s): reconnecting", event.reason or "no reason")
+                sock.close()
+            else:
+                self._on_message(event)
+        except Exception:  # our bug: never let it escape into the transport
+            log.exception("failed to handle a message from the hub: reconnecting")
+            sock.close(1011, "runner error")
+
     async def _heartbeats(
-        self, ws: ClientConnection, conn: RunnerConnection, scope: anyio.CancelScope
+        self, sock: _Socket, conn: RunnerConnection, scope: anyio.CancelScope
     ) -> None:
         while True:
             now = time.monotonic()
             if conn.hub_silent(now):
                 log.warning("hub went silent: reconnecting")
-                await ws.close(1001, "hub silent")
+                sock.close(1001, "hub silent")
                 scope.cancel()
                 return
             wait = conn.next_heartbeat_at() - now
@@ -287,25 +495,21 @@ class HubLink:
                 await anyio.sleep(wait)
                 continue
             frame = conn.heartbeat(
-                now, free_slots=self.slots - len(self.steps), in_flight=len(self.steps)
+                now, free_slots=max(0, self.slots - len(self.steps)), in_flight=len(self.steps)
             )
-            await ws.send(frame)
+            sock.send(frame)
 
-    async def _extensions(self, ws: ClientConnection, welcome: Welcome) -> None:
+    async def _extensions(self, sock: _Socket, welcome: Welcome) -> None:
         while True:
             await anyio.sleep(welcome.extend_interval_ms / 1000)
             if self.steps:
                 refs = tuple(step.ref for step in self.steps.values())
-                await ws.send(encode(Extend(runs=refs)))
+                sock.send(encode(Extend(runs=refs)))
 
-    async def _send(self, frame: bytes) -> None:
-        ws = self._ws
-        if ws is None:
-            return  # sent again (results) or re-announced (hello) after reconnecting
-        try:
-            await ws.send(frame)
-        except ConnectionClosed:
-            pass
+    def _send(self, frame: bytes) -> None:
+        sock = self._sock
+        if sock is not None:  # else: sent again (results) or re-announced (hello) on reconnect
+            sock.send(frame)
 
     # -- messages from the hub ----------------------------------------------------------------
 
@@ -334,34 +538,46 @@ class HubLink:
             reason = "draining"
         elif spec is None:
             reason = "unknown_function"
-        elif dispatch.run_id in self.steps or len(self.steps) >= self.slots:
+        elif dispatch.run_id in self.steps or len(self.steps) >= self.slots * MAX_HOLD_PER_SLOT:
             reason = "no_slot"
-        elif spec.concurrency is not None and self.running[spec.name] >= spec.concurrency:
+        elif (
+            spec.concurrency is not None
+            and self.running[spec.name] >= spec.concurrency * MAX_HOLD_PER_SLOT
+        ):
             reason = "no_slot"
         if reason is not None or spec is None:
-            self._spawn_send(
+            self._send_message(
                 RejectDispatch(run_id=ref.run_id, attempt=ref.attempt, reason=reason or "")
             )
             return
         step = _Step(ref, spec)
         self.steps[ref.run_id] = step
         self.running[spec.name] += 1
-        self._spawn_send(Ack(run_id=ref.run_id, attempt=ref.attempt))
+        self._send_message(Ack(run_id=ref.run_id, attempt=ref.attempt))
         assert self._steps_tg is not None
         self._steps_tg.start_soon(self._execute, step, dispatch)
 
-    def _spawn_send(self, message: Any) -> None:
-        assert self._steps_tg is not None
-        self._steps_tg.start_soon(self._send, encode(message))
+    async def _run_in_slot(self, step: _Step, backend: Backend, request: bytes) -> bytes:
+        async with self._slots:
+            step.started = time.monotonic()
+            return await backend.run(request, step.spec)
+
+    def _send_message(self, message: Any) -> None:
+        self._send(encode(message))
 
     async def _execute(self, step: _Step, dispatch: Dispatch) -> None:
         spec = step.spec
         backend = self.backends[spec.isolation]
         request = encode_request(spec.module, spec.qualname, dispatch.args, dispatch.kwargs)
         outcome: bytes | None = None
+        turn = self._turns.get(spec.name)
         try:
             with step.scope:
-                outcome = await backend.run(request, spec)
+                if turn is None:
+                    outcome = await self._run_in_slot(step, backend, request)
+                else:
+                    async with turn:
+                        outcome = await self._run_in_slot(step, backend, request)
         finally:
             self.steps.pop(step.ref.run_id, None)
             self.running[spec.name] -= 1
@@ -371,7 +587,7 @@ class HubLink:
             return  # cancelled by the hub (cancel, lease lost): nobody wants a result
         result = _result(step, outcome)
         self.outbox.add(result)
-        await self._send(encode(result))
+        self._send(encode(result))
         if backend.abandoned >= self.max_abandoned and not self.draining:
             log.warning(
                 "%d subinterpreter units are stuck in timed-out steps: draining to restart",
@@ -382,15 +598,26 @@ class HubLink:
             self._steps_tg.start_soon(self.drain, "too many abandoned units")
 
 
+def loads_outcome(outcome: bytes) -> Any:
+    """A step's outcome: JSON, except that it may spell NaN or an infinity (the step's encoder
+    allows them; the caller refuses them)."""
+    try:
+        return loads(outcome)
+    except ValueError:
+        return json.loads(outcome)
+
+
 def _result(step: _Step, outcome: bytes) -> Result:
     duration_ms = (time.monotonic() - step.started) * 1000
-    data = json.loads(outcome)
+    data = loads_outcome(outcome)
     ref = step.ref
     if data["ok"]:
         try:
             # A result must travel as JSON; NaN or a value the codec refuses is the step's
-            # error, not the runner's.
-            json.dumps(data["value"], allow_nan=False)
+            # error, not the runner's. The outcome is JSON already, so only a non-finite
+            # number can be wrong, and only an outcome that spells one needs the check.
+            if b"NaN" in outcome or b"Infinity" in outcome:
+                json.dumps(data["value"], allow_nan=False)
         except ValueError as exc:
             error = ErrorInfo(
                 type="ValueError",

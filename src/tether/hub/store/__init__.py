@@ -119,6 +119,12 @@ class Store(ABC):
     @abstractmethod
     def mark_running(self, run_id: str, attempt: int, runner_id: str, now: float) -> None: ...
 
+    def mark_running_many(self, marks: Sequence[tuple[str, int, str, float]]) -> None:
+        """:meth:`mark_running` for each ``(run_id, attempt, runner_id, now)``; a store may do
+        them in one statement."""
+        for run_id, attempt, runner_id, now in marks:
+            self.mark_running(run_id, attempt, runner_id, now)
+
     @abstractmethod
     def finish(
         self,
