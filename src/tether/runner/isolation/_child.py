@@ -132,6 +132,10 @@ def main(argv: Sequence[str]) -> int:
     # in-flight steps finish, so the unit must not die of it; the runner stops it by closing
     # its pipe (or with SIGTERM/SIGKILL).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from tether.runner.isolation import lower_priority
+
+    lower_priority()  # steps yield the CPU to the runner's connection thread
+
 
     from tether._step import run_step
     from tether.runner.isolation._preload import import_modules

@@ -57,7 +57,7 @@ import anyio.to_thread
 from ..._step import error_outcome
 from ...app import FunctionSpec
 from ...exceptions import IsolationError
-from . import Backend
+from . import Backend, lower_priority
 from ._interpreters import Interpreter, InterpreterError
 
 __all__ = ["SubinterpreterBackend"]
@@ -155,6 +155,8 @@ class _Unit:
             _alive.add(self)
         try:
             self.thread.start()
+            if self.thread.native_id is not None:
+                lower_priority(self.thread.native_id)
         except RuntimeError as exc:  # out of threads, or the interpreter is shutting down
             with _alive_lock:
                 _alive.discard(self)
