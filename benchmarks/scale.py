@@ -198,6 +198,7 @@ def dispatch_rate(args: argparse.Namespace, tmp: Path, big: bool) -> dict[str, A
                 body = {"runs": [{"function": NOOP, "queue": "default"}] * 1000}
                 for _ in range(0, args.queued, 1000):
                     http.post("/v1/runs/batch", json=body).raise_for_status()
+            time.sleep(3)  # the hub checkpoints those inserts meanwhile, as the filled store is
         # The queue is drained in rounds + 1 equal chunks; the first one warms up (runners
         # connecting, slots filling), each of the others is one figure.
         chunk = args.queued // (args.rounds + 1)

@@ -15,6 +15,7 @@ needs. When a proxy from the environment applies to the hub, httpx's own transpo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import select
@@ -415,6 +416,7 @@ class _AsyncConnection(asyncio.Protocol):
 
     def __init__(self, origin: _Origin) -> None:
         self.origin = origin
+        self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.response: _Response | None = None
         self.done: asyncio.Future[None] | None = None
@@ -449,7 +451,8 @@ class _AsyncConnection(asyncio.Protocol):
     def close(self) -> None:
         self.closed = True
         if self.transport is not None:
-            self.transport.close()
+            with contextlib.suppress(RuntimeError):  # its event loop is closed already
+                self.transport.close()
 
     async def exchange(self, data: bytes, response: _Response, timeout: float | None) -> None:
         assert self.transport is not None
@@ -473,11 +476,12 @@ class _AsyncTransport(httpx.AsyncBaseTransport):
         self._fallback: httpx.AsyncHTTPTransport | None = None
 
     async def _connect(self, origin: _Origin, timeout: float | None) -> _AsyncConnection:
+        loop = asyncio.get_running_loop()
         while self._idle:
             conn = self._idle.pop()
-            if conn.origin == origin and not conn.closed:
+            if conn.origin == origin and not conn.closed and conn.loop is loop:
                 return conn
-            conn.close()
+            conn.close()  # (one kept from another event loop cannot be used from this one)
         conn = _AsyncConnection(origin)
         context = _ssl_context(origin[0], self._verify)
         try:
