@@ -27,12 +27,19 @@ belongs to the event loop that started it.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import ClassVar
 
 from ...app import FunctionSpec
 
-__all__ = ["BACKENDS", "UNIT_NICENESS", "Backend", "create_backend", "lower_priority"]
+__all__ = [
+    "BACKENDS",
+    "UNIT_NICENESS",
+    "Backend",
+    "create_backend",
+    "lower_priority",
+    "start_units",
+]
 
 # Units run this much nicer than the runner: on a machine whose every core is busy with steps,
 # the scheduler still hands the connection thread a core as soon as it wakes to heartbeat.
@@ -95,3 +102,42 @@ def create_backend(
     module, _, cls = BACKENDS[name].partition(":")
     backend_cls: type[Backend] = getattr(importlib.import_module(module), cls)
     return backend_cls(size=size, sys_path=sys_path, preload=preload)
+
+
+async def start_units[U](
+    count: int,
+    start_unit: Callable[[], Awaitable[U]],
+    close_all: Callable[[list[U]], Awaitable[None]],
+    what: str,
+) -> list[U]:
+    """Start ``count`` units at once. If any fails, close the ones that started and raise
+    IsolationError (the first failure, once); a cancellation closes them too."""
+    import anyio
+
+    from ...exceptions import IsolationError
+
+    units: list[U] = []
+    errors: list[Exception] = []
+
+    async def start_one() -> None:
+        try:
+            units.append(await start_unit())
+        except Exception as exc:  # collected: the first one is raised below, once
+            errors.append(exc)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for _ in range(count):
+                tg.start_soon(start_one)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await close_all(units)
+        raise
+    if errors:
+        with anyio.CancelScope(shield=True):
+            await close_all(units)
+        error = errors[0]
+        if isinstance(error, IsolationError):
+            raise error
+        raise IsolationError(f"cannot start {what}: {error}") from error
+    return units

@@ -136,7 +136,6 @@ def main(argv: Sequence[str]) -> int:
 
     lower_priority()  # steps yield the CPU to the runner's connection thread
 
-
     from tether._step import run_step
     from tether.runner.isolation._preload import import_modules
 

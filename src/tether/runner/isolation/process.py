@@ -42,7 +42,7 @@ import anyio.to_thread
 from ..._step import error_outcome
 from ...app import FunctionSpec
 from ...exceptions import IsolationError
-from . import Backend
+from . import Backend, start_units
 from ._child import (
     advance,
     child_environment,
@@ -326,31 +326,9 @@ class ProcessBackend(Backend):
         self._closed = False
 
     async def start(self) -> None:
-        units: list[_Unit] = []
-        errors: list[Exception] = []
-
-        async def start_one() -> None:
-            try:
-                units.append(await self._start_unit())
-            except Exception as exc:  # collected: the first one is raised below, once
-                errors.append(exc)
-
-        try:
-            async with anyio.create_task_group() as tg:
-                for _ in range(self.size):
-                    tg.start_soon(start_one)
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await self._close_all(units)
-            raise
-        if errors:
-            with anyio.CancelScope(shield=True):
-                await self._close_all(units)
-            error = errors[0]
-            if isinstance(error, IsolationError):
-                raise error
-            raise IsolationError(f"cannot start a unit process: {error}") from error
-        self._idle.extend(units)
+        self._idle.extend(
+            await start_units(self.size, self._start_unit, self._close_all, "a unit process")
+        )
 
     async def run(self, request: bytes, spec: FunctionSpec) -> bytes:
         async with self._slots:

@@ -57,7 +57,7 @@ import anyio.to_thread
 from ..._step import error_outcome
 from ...app import FunctionSpec
 from ...exceptions import IsolationError
-from . import Backend, lower_priority
+from . import Backend, lower_priority, start_units
 from ._interpreters import Interpreter, InterpreterError
 
 __all__ = ["SubinterpreterBackend"]
@@ -426,31 +426,11 @@ class SubinterpreterBackend(Backend):
                 " or PYTHONTRACEMALLOC): CPython crashes at exit; stop tracing or use"
                 " isolation='process'"
             )
-        units: list[_Unit] = []
-        errors: list[Exception] = []
-
-        async def create_one() -> None:
-            try:
-                units.append(await self._start_unit())
-            except Exception as exc:  # collected: the first one is raised below, once
-                errors.append(exc)
-
-        try:
-            async with anyio.create_task_group() as tg:
-                for _ in range(self.size):
-                    tg.start_soon(create_one)
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await self._destroy_all(units)
-            raise
-        if errors:
-            with anyio.CancelScope(shield=True):
-                await self._destroy_all(units)
-            error = errors[0]
-            if isinstance(error, IsolationError):
-                raise error
-            raise IsolationError(f"cannot start a subinterpreter unit: {error}") from error
-        self._idle.extend(units)
+        self._idle.extend(
+            await start_units(
+                self.size, self._start_unit, self._destroy_all, "a subinterpreter unit"
+            )
+        )
 
     async def run(self, request: bytes, spec: FunctionSpec) -> bytes:
         async with self._slots:
