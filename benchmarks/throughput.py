@@ -32,33 +32,16 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 from _common import machine
 from _harness import NOOP, Peer, TetherStack, peer_names, spread, start_peers, versions
+from peers.lanes import bounded
 from tether import AsyncClient
 
 IN_FLIGHT = 32
 BATCH = 500
 MODES = ("single", "batch")
-
-
-async def bounded(calls: list[Callable[[], Awaitable[Any]]], limit: int) -> list[Any]:
-    """Await every call, at most ``limit`` at once, keeping their order."""
-    out: list[Any] = [None] * len(calls)
-    next_index = 0
-
-    async def lane() -> None:
-        nonlocal next_index
-        while next_index < len(calls):
-            i = next_index
-            next_index += 1
-            out[i] = await calls[i]()
-
-    await asyncio.gather(*(lane() for _ in range(min(limit, len(calls)))))
-    return out
 
 
 async def tether_round(stack: TetherStack, n: int, mode: str) -> dict[str, float]:
@@ -94,8 +77,10 @@ def main() -> int:
     modes = [m for m in args.modes.split(",") if m in MODES]
     n = args.runs
 
-    print(f"throughput: {n:,} no-op runs from one producer to one worker with 2 slots,"
-          f" first submit to last result stored; median (min-max) of {args.rounds} rounds")
+    print(
+        f"throughput: {n:,} no-op runs from one producer to one worker with 2 slots,"
+        f" first submit to last result stored; median (min-max) of {args.rounds} rounds"
+    )
     print(f"machine:    {machine()}")
     with tempfile.TemporaryDirectory(prefix="tether-throughput-") as tmp:
         logs = Path(tmp)

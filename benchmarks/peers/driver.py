@@ -33,10 +33,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from lanes import bounded
 
 HERE = Path(__file__).resolve().parent
 IN_FLIGHT = 32  # single submits in flight at once, as Tether's producer uses
@@ -163,8 +164,19 @@ class TaskiqPeer:
         import redis
 
         redis.Redis.from_url(self.redis_url).delete("taskiq_bench")  # left from an aborted run
-        command = [sys.executable, "-m", "taskiq", "worker", "taskiq_app:broker",
-                   "--workers", "1", "--max-async-tasks", "2", "--log-level", "WARNING"]
+        command = [
+            sys.executable,
+            "-m",
+            "taskiq",
+            "worker",
+            "taskiq_app:broker",
+            "--workers",
+            "1",
+            "--max-async-tasks",
+            "2",
+            "--log-level",
+            "WARNING",
+        ]
         with self.log_path.open("ab") as out:
             self.proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
                                          env=worker_env(self.redis_url), cwd=HERE)  # fmt: skip
@@ -215,22 +227,6 @@ class TaskiqPeer:
             keys.append(task.task_id)
         await self.redis.delete(*keys)
         return {"trips_ms": trips}
-
-
-async def bounded(calls: list[Callable[[], Awaitable[Any]]], limit: int) -> list[Any]:
-    """Await every call, at most ``limit`` at once, keeping their order."""
-    out: list[Any] = [None] * len(calls)
-    next_index = 0
-
-    async def lane() -> None:
-        nonlocal next_index
-        while next_index < len(calls):
-            i = next_index
-            next_index += 1
-            out[i] = await calls[i]()
-
-    await asyncio.gather(*(lane() for _ in range(min(limit, len(calls)))))
-    return out
 
 
 async def serve_async(peer: TaskiqPeer) -> None:
