@@ -59,6 +59,23 @@ def env(**extra: str) -> dict[str, str]:
     return base
 
 
+def run_tether(
+    *args: str,
+    cwd: Path = TESTS,
+    environ: dict[str, str] | None = None,
+    timeout: float = 60 * UNIT,
+) -> subprocess.CompletedProcess[str]:
+    """``tether ARGS...`` run to completion as a subprocess, its output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "tether", *args],
+        capture_output=True,
+        text=True,
+        env=env() if environ is None else environ,
+        cwd=cwd,
+        timeout=timeout,
+    )
+
+
 class Proc:
     """A ``tether`` subprocess whose output is kept in a file for assertions and post-mortems."""
 
@@ -199,14 +216,7 @@ class Cluster:
             return dict(http.get(f"/v1/runs/{run_id}").json())
 
     def cli(self, *args: str, timeout: float = 60 * UNIT) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "tether", *args],
-            capture_output=True,
-            text=True,
-            env=env(TETHER_HUB=self.url),
-            cwd=TESTS,
-            timeout=timeout,
-        )
+        return run_tether(*args, environ=env(TETHER_HUB=self.url), timeout=timeout)
 
     def close(self) -> None:
         for proc in reversed(self.procs):

@@ -14,7 +14,6 @@ import os
 import re
 import socket
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ import httpx
 import pytest
 from click.testing import CliRunner, Result
 
-from support import TESTS, UNIT, Proc, env, free_port, poll
+from support import TESTS, Proc, env, free_port, poll, run_tether
 from support import check_table as table
 from tether.cli import main
 from tether.config import (
@@ -54,14 +53,7 @@ def write(path: Path, text: str) -> Path:
 
 def tether(*args: str, cwd: Path = TESTS, **env_extra: str) -> subprocess.CompletedProcess[str]:
     """``tether ARGS...`` as a subprocess, with tests/ on its path (for ``apps.*``)."""
-    return subprocess.run(
-        [sys.executable, "-m", "tether", *args],
-        capture_output=True,
-        text=True,
-        env=env(**env_extra),
-        cwd=cwd,
-        timeout=60 * UNIT,
-    )
+    return run_tether(*args, cwd=cwd, environ=env(**env_extra))
 
 
 def check_json(*args: str, cwd: Path = TESTS, **env_extra: str) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from support import TESTS, UNIT, Cluster, env, free_port, poll
+from support import TESTS, UNIT, Cluster, env, free_port, poll, run_tether
 from support import check_table as table
 from tether import Client
 
@@ -32,14 +32,7 @@ def user_env(**extra: str) -> dict[str, str]:
 
 
 def tether(*args: str, cwd: Path = DEPLOYMENT, **extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tether", *args],
-        capture_output=True,
-        text=True,
-        env=user_env(**extra),
-        cwd=cwd,
-        timeout=60 * UNIT,
-    )
+    return run_tether(*args, cwd=cwd, environ=user_env(**extra))
 
 
 def readme_block(after: str) -> str:
