@@ -7,8 +7,6 @@ library, so user task modules load inside isolated subinterpreters. ``Client`` a
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 from .app import FunctionSpec, Task, Tether
 from .exceptions import (
     ClientError,
@@ -26,7 +24,10 @@ from .exceptions import (
     WaitTimeout,
 )
 
+TYPE_CHECKING = False  # typing is not imported: see tether.app
 if TYPE_CHECKING:
+    from typing import Any
+
     from .client import AsyncClient, AsyncRunHandle, Client, RunHandle
 
 __version__ = "0.1.0"

@@ -10,58 +10,141 @@ subinterpreters. The HTTP client is imported lazily, when a producer first calls
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, Final, Literal
 
 from .exceptions import ConfigError
 
+TYPE_CHECKING = False  # typing itself costs ~8 ms to import in a new subinterpreter
 if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+    from typing import Any, Final, Literal, ParamSpec, TypeVar
+    from typing import Generic as _Generic
+
     from .client import AsyncClient, AsyncRunHandle, Client, RunHandle
+
+    Isolation = Literal["subinterpreter", "process", "auto"]
+    P = ParamSpec("P")
+    R = TypeVar("R")
+else:
+    # `class Task[**P, R]` would import typing at runtime (Generic's subscript lives there).
+    class _Generic:
+        def __class_getitem__(cls, params: object) -> type:
+            return cls  # Task[[int], str] in an annotation read at runtime is plain Task
+
+    P = R = None
 
 __all__ = ["ISOLATIONS", "FunctionSpec", "Task", "Tether", "registered_tasks"]
 
-Isolation = Literal["subinterpreter", "process", "auto"]
 ISOLATIONS: Final = ("subinterpreter", "process", "auto")
 DEFAULT_HUB: Final = "http://127.0.0.1:7878"
 
+_IDENTITY: Final = ("name", "module", "qualname")
+OPTION_NAMES: Final = (
+    "isolation",
+    "concurrency",
+    "timeout",
+    "retries",
+    "backoff",
+    "queue",
+    "max_runs",
+    "fresh",
+)
 
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+
 class FunctionSpec:
     """Everything the runner and the hub need to know about one task function.
 
     ``module`` and ``qualname`` locate the function for import inside an isolation unit;
-    ``name`` is how producers address it.
+    ``name`` is how producers address it. Immutable, compared and hashed by value: a frozen
+    dataclass written out by hand, because every task module imports this one inside every new
+    subinterpreter, and :mod:`dataclasses` (with :mod:`inspect` behind it) would triple what
+    such a unit spends starting.
     """
+
+    __slots__ = (*_IDENTITY, *OPTION_NAMES)
 
     name: str
     module: str
     qualname: str
-    isolation: Isolation = "auto"
-    concurrency: int | None = None  # None: up to the runner's slots
-    timeout: float | None = None  # seconds per attempt; None: no limit
-    retries: int = 0  # extra attempts after a retryable error
-    backoff: float = 1.0  # seconds before the first retry; doubles each time, with jitter
-    queue: str = "default"
-    max_runs: int | None = None  # recycle a unit after this many steps; None: never
-    fresh: bool = False  # process isolation only: a new process for every step
+    isolation: Isolation
+    concurrency: int | None  # None: up to the runner's slots
+    timeout: float | None  # seconds per attempt; None: no limit
+    retries: int  # extra attempts after a retryable error
+    backoff: float  # seconds before the first retry; doubles each time, with jitter
+    queue: str
+    max_runs: int | None  # recycle a unit after this many steps; None: never
+    fresh: bool  # process isolation only: a new process for every step
 
-    def __post_init__(self) -> None:
-        validate_options(self.name, dataclasses.asdict(self))
+    def __init__(
+        self,
+        *,
+        name: str,
+        module: str,
+        qualname: str,
+        isolation: Isolation = "auto",
+        concurrency: int | None = None,
+        timeout: float | None = None,
+        retries: int = 0,
+        backoff: float = 1.0,
+        queue: str = "default",
+        max_runs: int | None = None,
+        fresh: bool = False,
+    ) -> None:
+        values = {
+            "name": name,
+            "module": module,
+            "qualname": qualname,
+            "isolation": isolation,
+            "concurrency": concurrency,
+            "timeout": timeout,
+            "retries": retries,
+            "backoff": backoff,
+            "queue": queue,
+            "max_runs": max_runs,
+            "fresh": fresh,
+        }
+        validate_options(name, values)
+        for key, value in values.items():
+            object.__setattr__(self, key, value)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {key: getattr(self, key) for key in self.__slots__}
 
     def options(self) -> dict[str, Any]:
         """The tunable options (everything but the identity fields)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in _IDENTITY}
+        return {key: getattr(self, key) for key in OPTION_NAMES}
 
     def with_options(self, **changes: Any) -> FunctionSpec:
-        return dataclasses.replace(self, **changes)
+        validate_options(self.name, changes)  # an unknown one is named, not a TypeError
+        return FunctionSpec(**{**self.as_dict(), **changes})
+
+    def __setattr__(self, key: str, value: object) -> None:
+        raise AttributeError(f"FunctionSpec is immutable: use with_options({key}=...)")
+
+    def __delattr__(self, key: str) -> None:
+        raise AttributeError("FunctionSpec is immutable")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, FunctionSpec):
+            return NotImplemented
+        return self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{key}={getattr(self, key)!r}" for key in self.__slots__)
+        return f"FunctionSpec({fields})"
+
+    def __reduce__(self) -> tuple[Any, ...]:  # slots and a refusing __setattr__: say how
+        return _rebuild_spec, (self.as_dict(),)
+
+    def _values(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, key) for key in self.__slots__)
 
 
-_IDENTITY: Final = frozenset({"name", "module", "qualname"})
-OPTION_NAMES: Final = tuple(
-    f.name for f in dataclasses.fields(FunctionSpec) if f.name not in _IDENTITY
-)
+def _rebuild_spec(values: dict[str, Any]) -> FunctionSpec:
+    return FunctionSpec(**values)
 
 
 def validate_options(where: str, options: Mapping[str, Any]) -> None:
@@ -108,7 +191,7 @@ def registered_tasks() -> dict[str, Task[..., Any]]:
     return dict(_registry)
 
 
-class Task[**P, R]:
+class Task(_Generic[P, R]):
     """A task function: call it to run it here, ``.delay()`` to run it on a runner."""
 
     def __init__(self, app: Tether, fn: Callable[P, R], spec: FunctionSpec) -> None:

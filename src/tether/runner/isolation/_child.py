@@ -136,8 +136,7 @@ def main(argv: Sequence[str]) -> int:
 
     lower_priority()  # steps yield the CPU to the runner's connection thread
 
-    from tether._step import run_step
-    from tether.runner.isolation._preload import import_modules
+    from tether._step import import_modules, run_step
 
     init = read_frame(read_fd)
     if init is None:

@@ -26,8 +26,8 @@ import time
 from collections.abc import Sequence
 from typing import Final
 
+from ..._step import refusal
 from ._child import child_environment, describe_exit
-from ._preload import REFUSAL
 
 __all__ = ["DEFAULT_TIMEOUT", "probe_modules", "refusing_extension"]
 
@@ -37,11 +37,10 @@ _PROBE_MODULE: Final = "tether.runner.isolation.probe"
 
 # Runs in each fresh subinterpreter of the child. Answers null, or [module, reason].
 _PROBE_CODE: Final = """\
-import json as _json, sys as _sys
-_cfg = _json.loads(_tether_probe)
-_sys.path[:] = _cfg["sys_path"]
-from tether.runner.isolation._preload import import_modules as _import_modules
-_tether_reply(_json.dumps(_import_modules(_cfg["sys_path"], [_cfg["module"]])).encode())
+from tether._step import import_modules as _import_modules
+from tether._wire import dumps as _dumps, loads as _loads
+_cfg = _loads(_tether_probe)
+_tether_reply(_dumps(_import_modules(_cfg["sys_path"], [_cfg["module"]])))
 """
 
 
@@ -49,7 +48,7 @@ def refusing_extension(reason: str | None) -> str | None:
     """The extension module named in a refusal, e.g. ``"numpy._core._multiarray_umath"`` from
     ``"... module numpy._core._multiarray_umath does not support loading in subinterpreters"``;
     None when ``reason`` is not such a refusal."""
-    found = REFUSAL.search(reason or "")
+    found = refusal(reason or "")
     return found.group("module") if found else None
 
 

@@ -64,15 +64,17 @@ __all__ = ["SubinterpreterBackend"]
 
 _log = logging.getLogger(__name__)
 
-# Run once per unit, in its __main__. Only strings cross, so the configuration comes as JSON.
-# The answer is JSON too: null, or [module, reason] for the first preload module that failed.
+# Run once per unit, in its __main__. Only strings cross: sys.path and the preload modules come
+# as "\0"-joined strings (no path or module name holds one), read before anything is imported so
+# that tether itself is found where the runner found it. The answer is JSON: null, or
+# [module, reason] for the first preload module that failed.
 _INIT: Final = """\
-import json as _json, os as _os, sys as _sys
-_cfg = _json.loads(_tether_init)
-_sys.path[:] = _cfg["sys_path"]
-from tether._step import run_step as _tether_run_step
-from tether.runner.isolation._preload import import_modules as _tether_import_modules
-_tether_reply(_json.dumps(_tether_import_modules(_cfg["sys_path"], _cfg["preload"])).encode())
+import os as _os, sys as _sys
+_sys.path[:] = _tether_path.split("\\0")
+from tether._step import import_modules as _tether_import_modules, run_step as _tether_run_step
+from tether._wire import dumps as _tether_dumps
+_tether_reply(_tether_dumps(_tether_import_modules(
+    _sys.path, [name for name in _tether_preload.split("\\0") if name])))
 def _tether_serve(wake, done, _read=_os.read, _write=_os.write, _receive=_tether_receive,
                   _reply=_tether_reply, _run=_tether_run_step):
     while _read(wake, 4096):  # a byte per request queued; end of file: stop
@@ -88,7 +90,8 @@ def _tether_serve(wake, done, _read=_os.read, _write=_os.write, _receive=_tether
                 _write(done, b"!")
             except OSError:  # the owner no longer listens: it abandoned the step
                 pass
-del _json, _os, _sys, _cfg, _tether_init, _tether_run_step, _tether_import_modules
+del _os, _sys, _tether_path, _tether_preload
+del _tether_run_step, _tether_import_modules, _tether_dumps
 """
 # Run by each unit's thread once, for the unit's whole life. run_step never raises for user
 # code, so an ExecFailure here is our bug (or a step raising what run_step lets through).
@@ -139,7 +142,7 @@ class _Unit:
 
     def start(
         self,
-        init: str,
+        init: dict[str, str],
         on_ready: Callable[[Exception | None], None],
         on_end: Callable[[_Unit], None],
     ) -> None:
@@ -234,7 +237,7 @@ class _Unit:
 
     def _live(
         self,
-        init: str,
+        init: dict[str, str],
         on_ready: Callable[[Exception | None], None],
         on_end: Callable[[_Unit], None],
     ) -> None:
@@ -283,13 +286,18 @@ class _Unit:
             _log.exception("cannot destroy subinterpreter %s", self.interp.id)
 
 
-def _create_interpreter(init: str) -> Interpreter:
+def unit_init(sys_path: Sequence[str], preload: Sequence[str]) -> dict[str, str]:
+    """What :data:`_INIT` reads in a new unit: its ``sys.path`` and the modules to preload."""
+    return {"_tether_path": "\0".join(sys_path), "_tether_preload": "\0".join(preload)}
+
+
+def _create_interpreter(init: dict[str, str]) -> Interpreter:
     try:
         interp = Interpreter()
     except InterpreterError as exc:
         raise IsolationError(str(exc)) from exc
     try:
-        failure = interp.exec(_INIT, {"_tether_init": init})
+        failure = interp.exec(_INIT, init)
         reply = interp.take_reply() if failure is None else None
     except BaseException:
         interp.close()
@@ -402,15 +410,16 @@ class SubinterpreterBackend(Backend):
 
     def __init__(self, *, size: int, sys_path: Sequence[str], preload: Sequence[str]) -> None:
         super().__init__(size=size, sys_path=sys_path, preload=preload)
-        # Guards _abandoned: unit threads ending race with the event loop. _idle and the units'
-        # runs, calls and listening belong to the event loop alone.
+        # Guards _abandoned and _retiring: unit threads ending race with the event loop. _idle
+        # and the units' runs, calls and listening belong to the event loop alone.
         self._lock = threading.Lock()
         self._idle: list[_Unit] = []
         self._abandoned: set[_Unit] = set()
+        self._retiring: set[_Unit] = set()  # recycled, their threads destroying them
         # fast_acquire: a free slot is taken without a trip through the event loop.
         self._slots = anyio.Semaphore(size, fast_acquire=True)
         self._closed = False
-        self._init = json.dumps({"sys_path": self.sys_path, "preload": self.preload})
+        self._init = unit_init(self.sys_path, self.preload)
 
     @property
     def abandoned(self) -> int:
@@ -466,7 +475,9 @@ class SubinterpreterBackend(Backend):
         self._closed = True
         idle, self._idle = self._idle, []
         # Busy units are left to their run(): _finish retires them once the backend is closed.
-        await self._destroy_all(idle)
+        with self._lock:
+            retiring = list(self._retiring)
+        await self._destroy_all([*idle, *retiring])
 
     # --- the pool (event loop side) -------------------------------------------------------
 
@@ -490,8 +501,10 @@ class SubinterpreterBackend(Backend):
             )
         if call.answered:
             unit.runs += 1
-        if (call.answered and retire) or self._closed:
-            await self._retire(unit)  # before answering: once run() returns, it is gone
+        if self._closed:
+            await self._retire(unit)  # before answering: once aclose() returns, all are gone
+        elif call.answered and retire:
+            self._recycle(unit)
         else:
             self._idle.append(unit)
         return call.reply
@@ -529,6 +542,14 @@ class SubinterpreterBackend(Backend):
         unit.disown()  # its thread stops as soon as the step ends
         _log.warning("abandoned subinterpreter %s: its step cannot be interrupted", unit.interp.id)
         return _Left.ABANDONED
+
+    def _recycle(self, unit: _Unit) -> None:
+        """Let ``unit`` go after its last step: its thread destroys the interpreter (a millisecond
+        or two) while the step's outcome is already on its way; aclose() waits for it."""
+        unit.disown()
+        with self._lock:
+            if not unit.ended:
+                self._retiring.add(unit)  # until its thread ends: see _unit_ended
 
     async def _retire(self, unit: _Unit) -> None:
         """Stop ``unit`` and wait until its thread destroyed the interpreter. Shielded."""
@@ -569,3 +590,4 @@ class SubinterpreterBackend(Backend):
     def _unit_ended(self, unit: _Unit) -> None:  # on the unit's thread, interpreter destroyed
         with self._lock:
             self._abandoned.discard(unit)
+            self._retiring.discard(unit)
