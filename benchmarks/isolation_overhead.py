@@ -64,7 +64,7 @@ from tether.runner.isolation import Backend
 from tether.runner.isolation._child import child_environment, read_frame, write_frame
 from tether.runner.isolation._interpreters import Interpreter
 from tether.runner.isolation.process import ProcessBackend
-from tether.runner.isolation.subinterpreter import _INIT, SubinterpreterBackend, _Unit
+from tether.runner.isolation.subinterpreter import _INIT, SubinterpreterBackend, _Unit, unit_init
 
 HERE = Path(__file__).resolve().parent
 
@@ -258,8 +258,7 @@ class InPlace(UnitThread):
 
     def open(self) -> None:
         self.interp = Interpreter()
-        config = json.dumps({"sys_path": SYS_PATH, "preload": [MODULE]})
-        failure = self.interp.exec(_INIT, {"_tether_init": config})
+        failure = self.interp.exec(_INIT, unit_init(SYS_PATH, [MODULE]))
         if failure is not None or self.interp.take_reply() != b"null":
             raise RuntimeError(failure.traceback if failure else "cannot import the steps")
 
@@ -281,8 +280,7 @@ class SubinterpreterUnit(UnitThread):
     def open(self) -> None:
         ready: queue.SimpleQueue[Exception | None] = queue.SimpleQueue()
         self.unit = _Unit()
-        config = json.dumps({"sys_path": SYS_PATH, "preload": [MODULE]})
-        self.unit.start(config, ready.put, lambda unit: None)
+        self.unit.start(unit_init(SYS_PATH, [MODULE]), ready.put, lambda unit: None)
         error = ready.get()
         if error is not None:
             raise error
@@ -347,8 +345,7 @@ def subinterpreter_phases() -> dict[str, float]:
     marks = [time.perf_counter()]
     interp = Interpreter()
     marks.append(time.perf_counter())
-    config = json.dumps({"sys_path": SYS_PATH, "preload": [MODULE]})
-    interp.exec(_INIT, {"_tether_init": config})
+    interp.exec(_INIT, unit_init(SYS_PATH, [MODULE]))
     interp.take_reply()
     marks.append(time.perf_counter())
     interp.exec(FIRST_STEP, {"_tether_payload": request_for("no-op")})
@@ -410,6 +407,7 @@ def print_header(rounds: int, quick: bool) -> None:
         f" batch; rows interleaved per round{'; --quick' if quick else ''}"
     )
     print("times:   milliseconds per step; overhead = row median - direct median, same payload")
+    print("bytecode: tether and the steps compiled ahead, as an installed package has them")
 
 
 def print_table(title: str, rows: list[Row], baseline: dict[str, float]) -> None:
@@ -453,7 +451,24 @@ async def run_rounds(rows: list[Row], rounds: int) -> None:
             row.samples.append(await row.measure(row.payload, row.batch))
 
 
+def precompile() -> None:
+    """Write the bytecode of Tether and the steps module, as installing a package does.
+
+    A new unit imports them afresh; without a ``__pycache__`` it compiles them from source
+    every time (this checkout's environment may set ``PYTHONDONTWRITEBYTECODE``), which is
+    several times the cost of loading them and no deployment pays.
+    """
+    import compileall
+
+    import tether
+
+    for folder in (Path(tether.__file__).parent, HERE):
+        if not compileall.compile_dir(folder, quiet=1):
+            raise RuntimeError(f"cannot compile the modules under {folder}")
+
+
 async def main(rounds: int, quick: bool) -> None:
+    precompile()
     print_header(rounds, quick)
     scale = 4 if quick else 1
 
