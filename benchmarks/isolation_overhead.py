@@ -341,6 +341,20 @@ def spawn_unit() -> tuple[subprocess.Popen[bytes], int, int]:
 FIRST_STEP = "from tether._step import run_step\n_tether_reply(run_step(_tether_payload))\n"
 
 
+def bare_interpreter() -> dict[str, float]:
+    """CPython's own floor: create and destroy an isolated interpreter, nothing of Tether's
+    (no queues, no imports), through the same private module the adapter uses on 3.13."""
+    import _interpreters  # type: ignore[import-not-found]
+
+    config = _interpreters.new_config("isolated")
+    marks = [time.perf_counter()]
+    interp_id = _interpreters.create(config)
+    marks.append(time.perf_counter())
+    _interpreters.destroy(interp_id)
+    marks.append(time.perf_counter())
+    return phases(["create a bare isolated interpreter", "destroy it"], marks)
+
+
 def subinterpreter_phases() -> dict[str, float]:
     marks = [time.perf_counter()]
     interp = Interpreter()
@@ -527,8 +541,14 @@ async def main(rounds: int, quick: bool) -> None:
         await sub.aclose()
         await proc.aclose()
 
-    sub_phases = [await anyio.to_thread.run_sync(subinterpreter_phases) for _ in range(rounds)]
+    sub_phases, floors = [], []
+    for _ in range(rounds):  # interleaved, so both see the same machine
+        sub_phases.append(await anyio.to_thread.run_sync(subinterpreter_phases))
+        if sys.version_info < (3, 14):
+            floors.append(await anyio.to_thread.run_sync(bare_interpreter))
     print_phases("cold subinterpreter unit by phase", sub_phases)
+    if floors:
+        print_phases("floor: CPython alone, same rounds", floors)
     proc_phases = [await anyio.to_thread.run_sync(process_phases) for _ in range(rounds)]
     print_phases("cold process unit by phase", proc_phases)
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())

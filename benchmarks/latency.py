@@ -8,11 +8,13 @@ What is measured: ``--trips`` round trips in a row from one producer to one idle
 producer's hands; p50, p90 and p99 of each round, then the median (min-max) of those over
 ``--rounds`` rounds, the systems interleaved round by round.
 
-* Tether: :class:`tether.Client` (blocking, httpx) in this process: ``client.submit(...)`` then
-  ``handle.get()`` (``POST /v1/runs``, then the long poll ``GET /v1/runs/{id}/wait``), against
-  a real ``tether server`` (SQLite, WAL, ``synchronous=NORMAL``: the run is in the store before
-  the submit is answered, its result before the runner may forget it) and a real
-  ``tether worker`` running ``noop_tasks.noop`` in a subinterpreter.
+* Tether: :class:`tether.Client` (blocking, httpx) in this process, two ways: ``tether/get`` is
+  ``client.submit(...)`` then ``handle.get()`` (``POST /v1/runs``, then the long poll
+  ``GET /v1/runs/{id}/wait``); ``tether/call`` is ``client.call(...)``, both in one request
+  (``POST /v1/runs?wait=30``, answered once the run finished). Both against a real
+  ``tether server`` (SQLite, WAL, ``synchronous=NORMAL``: the run is in the store before the
+  submit is answered, its result before the runner may forget it) and a real ``tether worker``
+  running ``noop_tasks.noop`` in a subinterpreter.
 * Celery: ``noop.delay().get()``; taskiq: ``kiq()`` then ``wait_result(check_interval=0.001)``
   (see ``benchmarks/peers/driver.py``).
 
@@ -35,13 +37,18 @@ from tether import Client
 QUANTILES = (("p50", 0.50), ("p90", 0.90), ("p99", 0.99))
 
 
-def tether_round(stack: TetherStack, trips: int) -> list[float]:
+WAYS = ("tether/get", "tether/call")
+
+
+def tether_round(stack: TetherStack, trips: int, way: str) -> list[float]:
     out = []
     with Client(stack.url, timeout=30) as client:
         for _ in range(trips):
             started = time.perf_counter()
-            handle = client.submit(NOOP)
-            value = handle.get(timeout=30)
+            if way == "tether/get":
+                value = client.submit(NOOP).get(timeout=30)
+            else:
+                value = client.call(NOOP)
             out.append((time.perf_counter() - started) * 1000)
             assert value is None, value
     return out
@@ -68,12 +75,14 @@ def main() -> int:
         try:
             with TetherStack(logs / "data", logs) as stack:
                 print("  warming up ...", flush=True)
-                tether_round(stack, 50)
+                for way in WAYS:
+                    tether_round(stack, 50, way)
                 for peer in peers.values():
                     peer.call(op="latency", n=50)
                 for r in range(args.rounds):
                     print(f"  round {r + 1}/{args.rounds} ...", flush=True)
-                    trips.setdefault("tether", []).append(tether_round(stack, args.trips))
+                    for way in WAYS:
+                        trips.setdefault(way, []).append(tether_round(stack, args.trips, way))
                     for name, peer in peers.items():
                         answer = peer.call(op="latency", n=args.trips)
                         trips.setdefault(name, []).append(answer["trips_ms"])
@@ -94,22 +103,22 @@ def report(trips: dict[str, list[list[float]]], peers: dict[str, Peer], skipped:
     for line in skipped:
         print(line)
     print()
-    header = f"{'system':<8}" + "".join(f"{name + ' ms':>22}" for name, _ in QUANTILES)
+    header = f"{'system':<12}" + "".join(f"{name + ' ms':>22}" for name, _ in QUANTILES)
     print(header)
     print("-" * len(header))
     for name, rounds in trips.items():
         cells = [spread([percentile(r, q) for r in rounds], "{:.2f}") for _, q in QUANTILES]
-        print(f"{name:<8}" + "".join(f"{c:>22}" for c in cells))
+        print(f"{name:<12}" + "".join(f"{c:>22}" for c in cells))
     print()
-    tether = trips.get("tether")
-    for name in peers:
-        if tether and name in trips:
-            ratios = []
-            for label, q in QUANTILES:
-                mine = statistics.median(percentile(r, q) for r in tether)
-                theirs = statistics.median(percentile(r, q) for r in trips[name])
-                ratios.append(f"{label} {theirs / mine:.2f}x")
-            print(f"tether is faster than {name} by: {', '.join(ratios)}")
+    for way in WAYS:
+        for name in peers:
+            if way in trips and name in trips:
+                ratios = []
+                for label, q in QUANTILES:
+                    mine = statistics.median(percentile(r, q) for r in trips[way])
+                    theirs = statistics.median(percentile(r, q) for r in trips[name])
+                    ratios.append(f"{label} {theirs / mine:.2f}x")
+                print(f"{way} is faster than {name} by: {', '.join(ratios)}")
 
 
 if __name__ == "__main__":

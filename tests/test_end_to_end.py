@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 import re
 import signal
+import threading
 from pathlib import Path
 
+import httpx
 import pytest
 
+import tether.client
 from support import UNIT, Cluster, poll
-from tether import Client, TaskError
+from tether import AsyncClient, Client, TaskError
 
 pytestmark = pytest.mark.slow
 
@@ -76,6 +79,61 @@ def test_task_error_comes_back_with_type_message_and_traceback(cluster: Cluster)
     failed = cluster.cli("submit", "apps.jobs.boom", "again", "--wait")
     assert failed.returncode == 1
     assert "ValueError: again" in failed.stderr
+
+
+def test_call_submits_and_waits_in_one_request(
+    cluster: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cluster.hub()
+    cluster.runner("apps.jobs")
+    with Client(cluster.url) as client:
+        assert client.call("apps.jobs.add", 1, y=2) == 3
+        with pytest.raises(TaskError, match="it broke"):
+            client.call("apps.jobs.boom", "it broke")
+
+        # Plain HTTP: ?wait=S answers with the whole run once it finished, or as it is when
+        # S passes; a bad value is refused before anything is stored.
+        runs = f"{cluster.url}/v1/runs"
+        finished = httpx.post(runs, params={"wait": "20"}, json=run_of("add", 2, 3)).json()
+        assert (finished["state"], finished["result"]) == ("succeeded", 5)
+        # Told before its commit ended, and yet what a read says at once: the same.
+        assert httpx.get(f"{runs}/{finished['id']}").json() == finished
+        started, release = tmp_path / "started", tmp_path / "release"
+        body = run_of("wait_for", str(release), str(started))
+        pending = httpx.post(runs, params={"wait": "0.05"}, json=body).json()
+        assert pending["state"] in ("queued", "running") and "result" not in pending
+        before = client.status()["runs"]
+        bad = httpx.post(runs, params={"wait": "-1"}, json=run_of("add", 1, 1))
+        assert bad.status_code == 400
+        assert bad.json()["error"] == "wait must be a finite number >= 0, got '-1'"
+        assert client.status()["runs"] == before
+        release.write_text("go")
+        assert client.wait(pending["id"], timeout=20 * UNIT)["result"] == "released"
+
+        # A run longer than one long poll: call() goes on waiting for it.
+        monkeypatch.setattr(tether.client, "_LONG_POLL", 0.1)
+        started.unlink()
+        release.unlink()
+        slow = threading.Thread(
+            target=lambda: poll("a step", started.exists) and release.write_text("go")
+        )
+        slow.start()
+        assert client.call("apps.jobs.wait_for", str(release), str(started)) == "released"
+        slow.join()
+
+
+@pytest.mark.anyio
+async def test_async_call(cluster: Cluster) -> None:
+    cluster.hub()
+    cluster.runner("apps.jobs")
+    async with AsyncClient(cluster.url) as client:
+        assert await client.call("apps.jobs.add", 2, 3) == 5
+        with pytest.raises(TaskError, match="again"):
+            await client.call("apps.jobs.boom", "again")
+
+
+def run_of(name: str, *args: object) -> dict[str, object]:
+    return {"function": f"apps.jobs.{name}", "args": list(args), "kwargs": {}}
 
 
 def test_retries_with_backoff_then_success_keeps_every_error(

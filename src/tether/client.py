@@ -142,6 +142,16 @@ class BaseClient:
             raise RunNotFound(404, message)
         raise HubError(response.status_code, message)
 
+    def _call_options(
+        self, function: str, args: Sequence[Any], kwargs: dict[str, Any]
+    ) -> dict[str, Any]:
+        """A submit that the hub answers once the run finished (or a long poll passed)."""
+        return {
+            "json": self._run_body(function, args, kwargs),
+            "params": {"wait": f"{_LONG_POLL:.3f}"},
+            "timeout": _LONG_POLL + self.timeout,
+        }
+
     def _wait_params(self, deadline: float | None) -> dict[str, str]:
         remaining = _LONG_POLL if deadline is None else max(0.0, deadline - time.monotonic())
         return {"timeout": f"{min(remaining, _LONG_POLL):.3f}"}
@@ -604,6 +614,13 @@ class Client(BaseClient):
         answer = self._request("POST", "/v1/runs", json=body)
         return RunHandle(self, answer["id"])
 
+    def call(self, function: str, /, *args: Any, **kwargs: Any) -> Any:
+        """Run ``function(*args, **kwargs)`` on the fleet and return its result (or raise its
+        :class:`TaskError`): ``submit(...).get()`` in one request, one round trip to the hub
+        when the run finishes within a long poll."""
+        view = self._request("POST", "/v1/runs", **self._call_options(function, args, kwargs))
+        return self._outcome(view if self._done(view) else self.wait(view["id"]))
+
     def submit_many(
         self, function: str, calls: Iterable[Sequence[Any]], *, queue: str | None = None
     ) -> list[RunHandle]:
@@ -697,6 +714,12 @@ class AsyncClient(BaseClient):
         )
         answer = await self._request("POST", "/v1/runs", json=body)
         return AsyncRunHandle(self, answer["id"])
+
+    async def call(self, function: str, /, *args: Any, **kwargs: Any) -> Any:
+        """:meth:`Client.call`: ``(await submit(...)).get()`` in one request."""
+        options = self._call_options(function, args, kwargs)
+        view = await self._request("POST", "/v1/runs", **options)
+        return self._outcome(view if self._done(view) else await self.wait(view["id"]))
 
     async def submit_many(
         self, function: str, calls: Iterable[Sequence[Any]], *, queue: str | None = None

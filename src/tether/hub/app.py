@@ -113,10 +113,25 @@ def create_app(
         except (ValueError, RecursionError) as exc:
             raise BadRequest(400, f"request body is not valid JSON: {exc}") from None
 
-    async def do_submit(body: bytes | bytearray) -> tuple[int, Any]:
+    def seconds(name: str, raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise BadRequest(400, f"{name} must be a number of seconds, got {raw!r}") from None
+        if not math.isfinite(value) or value < 0:
+            raise BadRequest(400, f"{name} must be a finite number >= 0, got {raw!r}")
+        return min(value, MAX_WAIT_SECONDS)
+
+    async def do_submit(body: bytes | bytearray, wait: str | None = None) -> tuple[int, Any]:
+        """Store a run; with ``wait`` (seconds), answer once it finished or that time passed,
+        with the whole run: a submit and a long poll in one round trip."""
         run = parse_run(parse_body(body), "run")
+        timeout = None if wait is None else seconds("wait", wait)
         [(record, created)] = await scheduler.submit([run])
-        return (201 if created else 200), {"id": record.id, "state": record.state}
+        status = 201 if created else 200
+        if timeout is None:
+            return status, {"id": record.id, "state": record.state}
+        return status, (await scheduler.wait(record.id, timeout) or record).public()
 
     async def do_submit_batch(body: bytes | bytearray) -> tuple[int, Any]:
         obj = parse_body(body)
@@ -135,13 +150,7 @@ def create_app(
         return found(run_id, await scheduler.get(run_id))
 
     async def do_wait(run_id: str, raw: str) -> tuple[int, Any]:
-        try:
-            timeout = float(raw)
-        except ValueError:
-            raise BadRequest(400, f"timeout must be a number of seconds, got {raw!r}") from None
-        if not math.isfinite(timeout) or timeout < 0:
-            raise BadRequest(400, f"timeout must be a finite number >= 0, got {raw!r}")
-        return found(run_id, await scheduler.wait(run_id, min(timeout, MAX_WAIT_SECONDS)))
+        return found(run_id, await scheduler.wait(run_id, seconds("timeout", raw)))
 
     def api(
         handler: Callable[[Request], Awaitable[Response]],
@@ -214,7 +223,8 @@ def create_app(
 
     @api
     async def submit(request: Request) -> Response:
-        return answer(*await do_submit(await read_body(request)))
+        wait = request.query_params.get("wait")
+        return answer(*await do_submit(await read_body(request), wait))
 
     @api
     async def submit_batch(request: Request) -> Response:
@@ -313,6 +323,12 @@ def create_app(
             if not message.get("more_body", False):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
+    def query(scope: Scope) -> dict[str, str]:
+        raw = scope.get("query_string", b"")
+        if not raw:
+            return {}
+        return dict(urllib.parse.parse_qsl(raw.decode("latin-1"), keep_blank_values=True))
+
     def route(method: str, path: str) -> tuple[str, str] | None:
         """Which hot path this is (and its run id), or None for Starlette."""
         if method == "POST":
@@ -338,17 +354,14 @@ def create_app(
             which, run_id = hot
             try:
                 if which == "submit":
-                    status, body = await do_submit(await read(receive, headers))
+                    wait = query(scope).get("wait")
+                    status, body = await do_submit(await read(receive, headers), wait)
                 elif which == "batch":
                     status, body = await do_submit_batch(await read(receive, headers))
                 elif which == "get":
                     status, body = await do_get(run_id)
                 else:
-                    query = urllib.parse.parse_qsl(
-                        scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True
-                    )
-                    raw = dict(query).get("timeout", "30")
-                    status, body = await do_wait(run_id, raw)
+                    status, body = await do_wait(run_id, query(scope).get("timeout", "30"))
             except BadRequest as exc:
                 status, body = exc.status, {"error": exc.message}
             except _Disconnected:
