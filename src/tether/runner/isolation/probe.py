@@ -35,12 +35,14 @@ DEFAULT_TIMEOUT: Final = 60.0  # seconds for the whole probe; heavy imports can 
 
 _PROBE_MODULE: Final = "tether.runner.isolation.probe"
 
-# Runs in each fresh subinterpreter of the child. Answers null, or [module, reason].
+# Runs in each fresh subinterpreter of the child, sys.path first (as a unit's _INIT does).
+# Answers null, or [module, reason].
 _PROBE_CODE: Final = """\
+import sys as _sys
+_sys.path[:] = _tether_path.split("\\0")
 from tether._step import import_modules as _import_modules
-from tether._wire import dumps as _dumps, loads as _loads
-_cfg = _loads(_tether_probe)
-_tether_reply(_dumps(_import_modules(_cfg["sys_path"], [_cfg["module"]])))
+from tether._wire import dumps as _dumps
+_tether_reply(_dumps(_import_modules(_sys.path, [_tether_module])))
 """
 
 
@@ -127,8 +129,8 @@ def _probe_one(module: str, sys_path: Sequence[str]) -> str | None:
     except InterpreterError as exc:
         return str(exc)
     try:
-        config = json.dumps({"sys_path": list(sys_path), "module": module})
-        failure = interp.exec(_PROBE_CODE, {"_tether_probe": config})
+        shared = {"_tether_path": "\0".join(sys_path), "_tether_module": module}
+        failure = interp.exec(_PROBE_CODE, shared)
         if failure is not None:
             return failure.formatted
         reply = interp.take_reply()
