@@ -14,7 +14,7 @@ import pytest
 
 import tether.client
 from support import UNIT, Cluster, poll
-from tether import AsyncClient, Client, TaskError
+from tether import AsyncClient, Client, TaskCancelled, TaskError
 
 pytestmark = pytest.mark.slow
 
@@ -134,6 +134,48 @@ async def test_async_call(cluster: Cluster) -> None:
 
 def run_of(name: str, *args: object) -> dict[str, object]:
     return {"function": f"apps.jobs.{name}", "args": list(args), "kwargs": {}}
+
+
+def test_a_function_at_its_concurrency_waits_without_blocking_a_free_slot(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    cluster.hub()
+    cluster.runner("apps.jobs", slots=2)
+    release = tmp_path / "release"
+    first, second = tmp_path / "first", tmp_path / "second"
+    with Client(cluster.url) as client:
+        a = client.submit("apps.jobs.wait_alone", str(release), str(first))
+        poll("the first step to start", first.exists)
+        b = client.submit("apps.jobs.wait_alone", str(release), str(second))
+        # The second slot is free, but wait_alone has concurrency=1: add goes past it.
+        assert client.submit("apps.jobs.add", 1, 2).get(timeout=20 * UNIT) == 3
+        assert not second.exists()
+        release.write_text("go")
+        assert [a.get(timeout=20 * UNIT), b.get(timeout=20 * UNIT)] == ["released"] * 2
+        assert second.exists()
+
+
+def test_a_run_cancelled_while_held_by_its_runner_never_starts(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    cluster.hub()
+    cluster.runner("apps.jobs", slots=1)
+    release, started, never = tmp_path / "release", tmp_path / "started", tmp_path / "never"
+    with Client(cluster.url) as client:
+        running = client.submit("apps.jobs.wait_for", str(release), str(started))
+        poll("the step to start", started.exists)
+        held = client.submit("apps.jobs.wait_for", str(release), str(never))
+        poll("the runner to hold the second run",
+             lambda: client.run(held.id)["state"] == "running")  # fmt: skip
+        assert held.cancel()["state"] == "cancelled"
+        release.write_text("go")
+        assert running.get(timeout=20 * UNIT) == "released"
+        # One slot, steps in the order they came: had the cancelled run stayed, it would
+        # have started before this one.
+        assert client.submit("apps.jobs.add", 2, 2).get(timeout=20 * UNIT) == 4
+        assert not never.exists()
+        with pytest.raises(TaskCancelled):
+            held.get(timeout=20 * UNIT)
 
 
 def test_retries_with_backoff_then_success_keeps_every_error(

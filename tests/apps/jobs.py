@@ -47,6 +47,12 @@ def wait_for(release: str, started: str, limit: float = 60.0) -> str:
     return "released"
 
 
+@app.task(isolation="subinterpreter", concurrency=1)
+def wait_alone(release: str, started: str) -> str:
+    """:func:`wait_for`, at most one at a time on a runner."""
+    return wait_for.fn(release, started)
+
+
 @app.task(isolation="process", retries=3, backoff=0.05)
 def flaky(counter: str, failures: int) -> int:
     """Fail the first ``failures`` attempts (counted in a file), then return the attempt."""

@@ -18,6 +18,7 @@ high-level client spent more of the runner's time on those than on anything else
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import os
@@ -254,13 +255,14 @@ class _Socket(asyncio.Protocol):
 
 
 class _Step:
-    """One run executing on this runner."""
+    """One run held by this runner: waiting for a slot, then executing."""
 
-    __slots__ = ("ref", "spec", "scope", "started")
+    __slots__ = ("dispatch", "ref", "scope", "spec", "started")
 
-    def __init__(self, ref: RunRef, spec: FunctionSpec) -> None:
+    def __init__(self, ref: RunRef, spec: FunctionSpec, dispatch: Dispatch) -> None:
         self.ref = ref
         self.spec = spec
+        self.dispatch = dispatch
         self.scope = anyio.CancelScope()
         self.started = time.monotonic()
 
@@ -293,11 +295,14 @@ class HubLink:
         self.outbox = ResultOutbox()
         self.steps: dict[str, _Step] = {}  # by run id
         self.running: dict[str, int] = {name: 0 for name in self.specs}  # held, by function
-        # Held steps start in turn: a function's concurrency first, then a slot. A step's clock
-        # (its reported duration) starts with its slot.
-        self._turns = {name: anyio.Semaphore(spec.concurrency) for name, spec in self.specs.items()
-                       if spec.concurrency is not None}  # fmt: skip
-        self._slots = anyio.Semaphore(slots)
+        # One worker task per slot takes held steps in the order they came, skipping those whose
+        # function is at its concurrency: no task, semaphore or slot wait per step. A step's
+        # clock (its reported duration) starts when a worker takes it.
+        self._ready: collections.deque[_Step] = collections.deque()
+        self._active: dict[str, int] = {name: 0 for name in self.specs}  # in a slot, by function
+        self._limits = {name: spec.concurrency for name, spec in self.specs.items()
+                        if spec.concurrency is not None}  # fmt: skip
+        self._resting: list[asyncio.Future[None]] = []  # workers with nothing they may take
         self.draining = False
         self.exit_code = EXIT_DRAINED
         self.connected = anyio.Event()
@@ -314,6 +319,8 @@ class HubLink:
         """Connect and serve until drained (or told the hub refuses us); the exit code."""
         async with anyio.create_task_group() as steps:
             self._steps_tg = steps
+            for _ in range(self.slots):
+                steps.start_soon(self._worker)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._connect_forever, tg.cancel_scope)
                 await self._stop.wait()
@@ -334,7 +341,7 @@ class HubLink:
                 await self._wait_idle()
         for step in list(self.steps.values()):
             log.warning("run %s did not finish within the drain grace period", step.ref.run_id)
-            step.scope.cancel()
+            self._stop_step(step)
         # Results wait for the hub's acknowledgement (bounded: the hub may be gone).
         with anyio.move_on_after(max(5.0, self.drain_grace / 2)):
             while len(self.outbox):
@@ -526,7 +533,7 @@ class HubLink:
                     "cancelled" if isinstance(message, Cancel) else f"lease lost ({message.reason})"
                 )
                 log.info("run %s attempt %d: %s; stopping it", message.run_id, message.attempt, why)
-                step.scope.cancel()
+                self._stop_step(step)
         elif isinstance(message, HeartbeatAck | Extended):
             pass  # the state machine measured the round trip; extensions need no bookkeeping
 
@@ -550,39 +557,78 @@ class HubLink:
                 RejectDispatch(run_id=ref.run_id, attempt=ref.attempt, reason=reason or "")
             )
             return
-        step = _Step(ref, spec)
+        step = _Step(ref, spec, dispatch)
         self.steps[ref.run_id] = step
         self.running[spec.name] += 1
         self._send_message(Ack(run_id=ref.run_id, attempt=ref.attempt))
-        assert self._steps_tg is not None
-        self._steps_tg.start_soon(self._execute, step, dispatch)
+        self._ready.append(step)
+        while self._resting:  # wake one resting worker: it takes this step or the next
+            resting = self._resting.pop()
+            if not resting.done():
+                resting.set_result(None)
+                break
 
-    async def _run_in_slot(self, step: _Step, backend: Backend, request: bytes) -> bytes:
-        async with self._slots:
-            step.started = time.monotonic()
-            return await backend.run(request, step.spec)
+    # -- executing steps ----------------------------------------------------------------------
+
+    async def _worker(self) -> None:
+        """One slot: take the next step it may run, run it, again. A function's steps wait
+        while its concurrency is taken; a worker that frees one looks again at once."""
+        loop = asyncio.get_running_loop()
+        while True:
+            step = self._take()
+            if step is None:
+                resting = loop.create_future()
+                self._resting.append(resting)
+                try:
+                    await resting
+                finally:
+                    if resting in self._resting:  # cancelled (the runner is stopping)
+                        self._resting.remove(resting)
+                continue
+            name = step.spec.name
+            self._active[name] += 1
+            try:
+                await self._execute(step)
+            finally:
+                self._active[name] -= 1
+
+    def _take(self) -> _Step | None:
+        for step in self._ready:
+            limit = self._limits.get(step.spec.name)
+            if limit is None or self._active[step.spec.name] < limit:
+                self._ready.remove(step)
+                return step
+        return None
+
+    def _stop_step(self, step: _Step) -> None:
+        """Cancel ``step``: one still waiting for a slot is forgotten at once."""
+        try:
+            self._ready.remove(step)
+        except ValueError:
+            step.scope.cancel()  # executing: its worker stops it
+        else:
+            self._forget(step)
+
+    def _forget(self, step: _Step) -> None:
+        self.steps.pop(step.ref.run_id, None)
+        self.running[step.spec.name] -= 1
+        if not self.steps:
+            self._idle.set()
 
     def _send_message(self, message: Any) -> None:
         self._send(encode(message))
 
-    async def _execute(self, step: _Step, dispatch: Dispatch) -> None:
-        spec = step.spec
+    async def _execute(self, step: _Step) -> None:
+        spec, dispatch = step.spec, step.dispatch
         backend = self.backends[spec.isolation]
         request = encode_request(spec.module, spec.qualname, dispatch.args, dispatch.kwargs)
         outcome: bytes | None = None
-        turn = self._turns.get(spec.name)
+        step.started = time.monotonic()
         try:
             with step.scope:
-                if turn is None:
-                    outcome = await self._run_in_slot(step, backend, request)
-                else:
-                    async with turn:
-                        outcome = await self._run_in_slot(step, backend, request)
+                outcome = await backend.run(request, spec)
         finally:
-            self.steps.pop(step.ref.run_id, None)
-            self.running[spec.name] -= 1
-            if not self.steps:
-                self._idle.set()
+            self._forget(step)
         if outcome is None:
             return  # cancelled by the hub (cancel, lease lost): nobody wants a result
         result = _result(step, outcome)
