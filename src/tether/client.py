@@ -43,6 +43,10 @@ from .exceptions import (
 __all__ = ["AsyncClient", "AsyncRunHandle", "Client", "RunHandle"]
 
 _LONG_POLL = 30.0  # seconds per wait request; longer waits are several requests
+# How long call()'s submit waits for the run before it goes on with wait requests. Short: a
+# submit whose answer is lost (a proxy that cuts idle connections) leaves the caller without
+# the run's id, and a retry would run it twice.
+_CALL_WAIT = 5.0
 
 
 def _check_json(function: str, args: Sequence[Any], kwargs: dict[str, Any]) -> None:
@@ -82,7 +86,8 @@ class BaseClient:
         url = httpx.URL(self.hub)
         self._origin = _origin(url)
         self._prefix = url.raw_path.rstrip(b"/")
-        host = f"[{url.host}]" if ":" in url.host else url.host
+        raw_host = url.raw_host.decode("ascii")  # IDNA-encoded, as httpx sends it
+        host = f"[{raw_host}]" if ":" in raw_host else raw_host
         if url.port is not None:
             host = f"{host}:{url.port}"
         lines = [f"Host: {host}", "Accept: */*", "Connection: keep-alive",
@@ -148,8 +153,8 @@ class BaseClient:
         """A submit that the hub answers once the run finished (or a long poll passed)."""
         return {
             "json": self._run_body(function, args, kwargs),
-            "params": {"wait": f"{_LONG_POLL:.3f}"},
-            "timeout": _LONG_POLL + self.timeout,
+            "params": {"wait": f"{_CALL_WAIT:.3f}"},
+            "timeout": _CALL_WAIT + self.timeout,
         }
 
     def _wait_params(self, deadline: float | None) -> dict[str, str]:
@@ -235,16 +240,16 @@ class _Response:
                 headers.append((name.strip(), value.strip()))
             if 100 <= status < 200:
                 continue  # an interim answer (100 Continue): the real one follows
-            self.status, self.headers = status, headers
             connection = b""
             for name, value in headers:
                 lowered = name.lower()
                 if lowered == b"content-length":
-                    self._length = int(value)
+                    self._length = _number(value, 10, "Content-Length")
                 elif lowered == b"transfer-encoding" and b"chunked" in value.lower():
                     self._chunked = True
                 elif lowered == b"connection":
                     connection = value.lower()
+            self.status, self.headers = status, headers  # only once the head made sense
             self.keep_alive = (
                 connection != b"close" if version == b"HTTP/1.1" else connection == b"keep-alive"
             )
@@ -268,7 +273,7 @@ class _Response:
             line_end = buffer.find(b"\r\n", at)
             if line_end < 0:
                 return False
-            size = int(bytes(buffer[at:line_end]).split(b";")[0], 16)
+            size = _number(bytes(buffer[at:line_end]).split(b";")[0], 16, "chunk size")
             if size == 0:
                 trailer_end = buffer.find(b"\r\n\r\n", line_end)
                 if trailer_end < 0 and buffer[line_end : line_end + 4] != b"\r\n\r\n":
@@ -280,6 +285,16 @@ class _Response:
                 return False
             body += buffer[start : start + size]
             at = start + size + 2
+
+
+def _number(text: bytes, base: int, what: str) -> int:
+    try:
+        value = int(text, base)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise httpx.RemoteProtocolError(f"bad {what} {text[:40]!r}")
+    return value
 
 
 def _request_head(request: httpx.Request, body: bytes) -> bytes:
@@ -296,10 +311,20 @@ def _request_head(request: httpx.Request, body: bytes) -> bytes:
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
-def _ssl_context(scheme: str, verify: ssl.SSLContext | bool) -> ssl.SSLContext | None:
-    if scheme != "https":
-        return None
-    return verify if isinstance(verify, ssl.SSLContext) else httpx.create_ssl_context(verify)
+class _TLS:
+    """The TLS context for https connections, made on first use and kept: making one loads the
+    CA bundle (tens of milliseconds)."""
+
+    def __init__(self, verify: ssl.SSLContext | bool) -> None:
+        self.verify = verify
+        self._context = verify if isinstance(verify, ssl.SSLContext) else None
+
+    def context(self, scheme: str) -> ssl.SSLContext | None:
+        if scheme != "https":
+            return None
+        if self._context is None:
+            self._context = httpx.create_ssl_context(self.verify)
+        return self._context
 
 
 def _proxied(hub: str) -> bool:
@@ -332,20 +357,22 @@ class _Connection:
 
     def dropped(self) -> bool:
         """Closed by the hub while idle (a keep-alive timeout), or with stray bytes."""
+        poller = select.poll()
         try:
-            readable, _, _ = select.select([self.sock], [], [], 0)
+            poller.register(self.sock, select.POLLIN)
+            return bool(poller.poll(0))
         except (OSError, ValueError):
             return True
-        return bool(readable)
 
 
 class _Transport(httpx.BaseTransport):
     """HTTP/1.1 over keep-alive sockets, for a blocking :class:`Client`."""
 
     def __init__(self, verify: ssl.SSLContext | bool) -> None:
-        self._verify = verify
+        self._tls = _TLS(verify)
         self._idle: list[_Connection] = []
         self._lock = threading.Lock()
+        self._closed = False
 
     def _connect(self, origin: _Origin, timeout: float | None) -> _Connection:
         with self._lock:
@@ -361,7 +388,7 @@ class _Transport(httpx.BaseTransport):
         except OSError as exc:
             raise httpx.ConnectError(str(exc)) from exc
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        context = _ssl_context(origin[0], self._verify)
+        context = self._tls.context(origin[0])
         if context is not None:
             try:
                 sock = context.wrap_socket(sock, server_hostname=origin[1])
@@ -400,7 +427,7 @@ class _Transport(httpx.BaseTransport):
         kept = False
         if response.keep_alive:
             with self._lock:
-                if len(self._idle) < _IDLE_CONNECTIONS:
+                if not self._closed and len(self._idle) < _IDLE_CONNECTIONS:
                     self._idle.append(conn)
                     kept = True
         if not kept:
@@ -416,6 +443,7 @@ class _Transport(httpx.BaseTransport):
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True  # a request still in flight closes its connection after
             idle, self._idle = self._idle, []
         for conn in idle:
             conn.sock.close()
@@ -481,9 +509,10 @@ class _AsyncTransport(httpx.AsyncBaseTransport):
     event loop (trio) it hands requests to httpx's own transport."""
 
     def __init__(self, verify: ssl.SSLContext | bool) -> None:
-        self._verify = verify
+        self._tls = _TLS(verify)
         self._idle: list[_AsyncConnection] = []
         self._fallback: httpx.AsyncHTTPTransport | None = None
+        self._closed = False
 
     async def _connect(self, origin: _Origin, timeout: float | None) -> _AsyncConnection:
         loop = asyncio.get_running_loop()
@@ -493,7 +522,7 @@ class _AsyncTransport(httpx.AsyncBaseTransport):
                 return conn
             conn.close()  # (one kept from another event loop cannot be used from this one)
         conn = _AsyncConnection(origin)
-        context = _ssl_context(origin[0], self._verify)
+        context = self._tls.context(origin[0])
         try:
             async with asyncio.timeout(timeout):
                 await asyncio.get_running_loop().create_connection(
@@ -520,7 +549,8 @@ class _AsyncTransport(httpx.AsyncBaseTransport):
         except BaseException:  # an HTTP error, or cancelled mid-answer: unknown state
             conn.close()
             raise
-        if response.keep_alive and not conn.closed and len(self._idle) < _IDLE_CONNECTIONS:
+        keep = response.keep_alive and not conn.closed and not self._closed
+        if keep and len(self._idle) < _IDLE_CONNECTIONS:
             self._idle.append(conn)
         else:
             conn.close()
@@ -529,7 +559,7 @@ class _AsyncTransport(httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if not _on_asyncio():
             if self._fallback is None:
-                self._fallback = httpx.AsyncHTTPTransport(verify=self._verify)
+                self._fallback = httpx.AsyncHTTPTransport(verify=self._tls.verify)
             return await self._fallback.handle_async_request(request)
         timeout = request.extensions.get("timeout", {}).get("read")
         body = await request.aread()
@@ -538,6 +568,7 @@ class _AsyncTransport(httpx.AsyncBaseTransport):
                                            head_only=request.method == "HEAD"))  # fmt: skip
 
     async def aclose(self) -> None:
+        self._closed = True  # a request still in flight closes its connection after
         idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
