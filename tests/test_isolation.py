@@ -120,6 +120,16 @@ async def test_reject_is_not_retryable(started_backend: Backend) -> None:
 
 
 @backends()
+async def test_a_failure_is_reported_even_when_nothing_can_be_imported(
+    started_backend: Backend,
+) -> None:
+    outcome = await run(started_backend, "fail_without_a_path", "no path")
+    assert outcome["ok"] is False
+    assert (outcome["error"]["type"], outcome["error"]["message"]) == ("ValueError", "no path")
+    assert await run(started_backend, "add", 1, 2) == {"ok": True, "value": 3}  # unit lives on
+
+
+@backends()
 async def test_async_step(started_backend: Backend) -> None:
     assert await run(started_backend, "async_add", 4, 5) == {"ok": True, "value": 9}
 

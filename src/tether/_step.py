@@ -136,13 +136,17 @@ def refusal(text: str) -> re.Match[str] | None:
 
 
 def _failure(exc: BaseException, *, retryable: bool) -> bytes:
-    import traceback
+    try:
+        import traceback
 
+        tb = traceback.format_exc()
+    except Exception:  # a step that emptied sys.path, say: its error still goes back
+        tb = ""
     cls = type(exc)
     name = (
         cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
     )
-    return error_outcome(name, str(exc), traceback.format_exc(), retryable=retryable)
+    return error_outcome(name, str(exc), tb, retryable=retryable)
 
 
 def _is_awaitable(value: object) -> bool:
