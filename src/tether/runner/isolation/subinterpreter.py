@@ -503,8 +503,10 @@ class SubinterpreterBackend(Backend):
             unit.runs += 1
         if self._closed:
             await self._retire(unit)  # before answering: once aclose() returns, all are gone
-        elif call.answered and retire:
+        elif call.answered and retire and self._retiring_count() < self.size:
             self._recycle(unit)
+        elif call.answered and retire:  # as many are being destroyed as the pool holds
+            await self._retire(unit)
         else:
             self._idle.append(unit)
         return call.reply
@@ -545,11 +547,16 @@ class SubinterpreterBackend(Backend):
 
     def _recycle(self, unit: _Unit) -> None:
         """Let ``unit`` go after its last step: its thread destroys the interpreter (a millisecond
-        or two) while the step's outcome is already on its way; aclose() waits for it."""
+        or two) while the step's outcome is already on its way; aclose() waits for it. At most
+        ``size`` at a time: past that, a step waits for its unit's end as it used to."""
         unit.disown()
         with self._lock:
             if not unit.ended:
                 self._retiring.add(unit)  # until its thread ends: see _unit_ended
+
+    def _retiring_count(self) -> int:
+        with self._lock:
+            return len(self._retiring)
 
     async def _retire(self, unit: _Unit) -> None:
         """Stop ``unit`` and wait until its thread destroyed the interpreter. Shielded."""
