@@ -96,7 +96,6 @@ def test_call_submits_and_waits_in_one_request(
         runs = f"{cluster.url}/v1/runs"
         finished = httpx.post(runs, params={"wait": "20"}, json=run_of("add", 2, 3)).json()
         assert (finished["state"], finished["result"]) == ("succeeded", 5)
-        # Told before its commit ended, and yet what a read says at once: the same.
         assert httpx.get(f"{runs}/{finished['id']}").json() == finished
         started, release = tmp_path / "started", tmp_path / "release"
         body = run_of("wait_for", str(release), str(started))
@@ -110,8 +109,8 @@ def test_call_submits_and_waits_in_one_request(
         release.write_text("go")
         assert client.wait(pending["id"], timeout=20 * UNIT)["result"] == "released"
 
-        # A run longer than one long poll: call() goes on waiting for it.
-        monkeypatch.setattr(tether.client, "_LONG_POLL", 0.1)
+        # A run longer than call()'s submit waits: it goes on waiting for it.
+        monkeypatch.setattr(tether.client, "_CALL_WAIT", 0.1)
         started.unlink()
         release.unlink()
         slow = threading.Thread(

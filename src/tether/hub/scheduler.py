@@ -783,23 +783,17 @@ class Scheduler:
                 self.store.mark_running, run.id, ref.attempt, session.runner_id, now
             ).add_done_callback(_log_store_failure)
         if result.ok:
-            # Someone waits for it: the run as it now is goes to them. When nothing but this
-            # outcome is in its record, it is built here and they have it at once, while it is
-            # written: the runner is acknowledged only after the commit and until then holds
-            # the result to deliver again to a restarted hub, so what they were told stands.
-            # Otherwise it is read back in the commit that finishes the run.
+            # Someone waits for it: the run as it now is goes to them from the commit. Built
+            # here when nothing but this outcome is in its record, else read back in it.
             waited = run.id in self._waiters
             known = waited and run.failures == 0 and run.losses == 0
-            record = None
-            if known:
-                runner_id = lease.holder if lease is not None else session.runner_id
-                record = run.finished_record(ref.attempt, result.value, now, runner_id)
-                self._finished(run.id, record)
-            stored = await self.storage.call(
+            record = await self.storage.call(
                 _finish, self.store, run.id, ref.attempt, "succeeded", result.value, None, now,
                 waited and not known,
             )  # fmt: skip
-            record = record or stored
+            if known:
+                runner_id = lease.holder if lease is not None else session.runner_id
+                record = run.finished_record(ref.attempt, result.value, now, runner_id)
             self.runs.pop(run.id, None)
             metrics = self.metrics.function(run.function)
             metrics.succeeded.inc()
