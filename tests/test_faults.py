@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -126,3 +127,33 @@ def test_lease_extensions_keep_a_step_longer_than_its_lease(cluster: Cluster) ->
         assert handle.get(timeout=20 * UNIT) == 2.0
         view = handle.status()
     assert (view["attempt"], view.get("errors")) == (1, None)
+
+
+def test_a_success_the_store_refuses_is_asked_for_again_and_stands(cluster: Cluster) -> None:
+    """The waiter hears of a success while it is written. If that write fails, the hub closes
+    the runner's connection; the runner, never acknowledged, sends the result again once it
+    reconnects, and the store ends up saying what the waiter was told, from the one attempt."""
+    cluster.hub()
+    cluster.runner("apps.jobs")
+    db = sqlite3.connect(cluster.tmp / "data" / "tether.db", timeout=10)
+    # A real refusal by the real database: any success recorded for add() aborts.
+    db.execute(
+        "CREATE TRIGGER refuse_success BEFORE UPDATE OF state ON runs"
+        " WHEN NEW.state = 'succeeded' AND NEW.function = 'apps.jobs.add'"
+        " BEGIN SELECT RAISE(ABORT, 'refused on purpose'); END"
+    )
+    db.commit()
+    with cluster.http() as http:
+        told = http.post("/v1/runs", params={"wait": "20"}, json={
+            "function": "apps.jobs.add", "args": [20, 22], "kwargs": {}}).json()  # fmt: skip
+        assert (told["state"], told["result"], told["attempt"]) == ("succeeded", 42, 1)
+        stored = http.get(f"/v1/runs/{told['id']}").json()
+        assert stored["state"] == "running"  # refused: the store has not taken it
+        db.execute("DROP TRIGGER refuse_success")
+        db.commit()
+        db.close()
+        poll("the store to take the result sent again",
+             lambda: http.get(f"/v1/runs/{told['id']}").json()["state"] == "succeeded")  # fmt: skip
+        stored = http.get(f"/v1/runs/{told['id']}").json()
+    assert (stored["result"], stored["attempt"], stored.get("errors", [])) == (42, 1, [])
+    assert "asking runner runner1 for it again" in cluster.procs[0].output()

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ..exceptions import StoreError
 from ..protocol import (
     Ack,
     Cancel,
@@ -759,7 +760,7 @@ class Scheduler:
             self.metrics.fenced.inc()
             session.send(ResultAck(run_id=result.run_id, attempt=result.attempt))
             return
-        run.settled = ref.attempt
+        settled, run.settled = run.settled, ref.attempt
         previous = self._step_ms.get(run.function)
         self._step_ms[run.function] = (
             result.duration_ms if previous is None else previous * 0.9 + result.duration_ms * 0.1
@@ -783,17 +784,26 @@ class Scheduler:
                 self.store.mark_running, run.id, ref.attempt, session.runner_id, now
             ).add_done_callback(_log_store_failure)
         if result.ok:
-            # Someone waits for it: the run as it now is goes to them from the commit. Built
-            # here when nothing but this outcome is in its record, else read back in it.
+            # Someone waits for it: the run as it now is goes to them. When nothing but this
+            # outcome is in its record, it is built here and they have it at once, while it is
+            # written; otherwise it is read back in the commit. The runner is acknowledged only
+            # after the commit and holds the result until then, so what a waiter was told
+            # stands: a restarted hub gets it again, and so does this one if the commit fails.
             waited = run.id in self._waiters
-            known = waited and run.failures == 0 and run.losses == 0
-            record = await self.storage.call(
-                _finish, self.store, run.id, ref.attempt, "succeeded", result.value, None, now,
-                waited and not known,
-            )  # fmt: skip
-            if known:
+            told = None
+            if waited and run.failures == 0 and run.losses == 0:
                 runner_id = lease.holder if lease is not None else session.runner_id
-                record = run.finished_record(ref.attempt, result.value, now, runner_id)
+                told = run.finished_record(ref.attempt, result.value, now, runner_id)
+                self._finished(run.id, told)
+            try:
+                record = await self.storage.call(
+                    _finish, self.store, run.id, ref.attempt, "succeeded", result.value, None,
+                    now, waited and told is None,
+                )  # fmt: skip
+            except StoreError as exc:
+                self._ask_again(session, run, ref, settled, exc)
+                return
+            record = told or record
             self.runs.pop(run.id, None)
             metrics = self.metrics.function(run.function)
             metrics.succeeded.inc()
@@ -824,6 +834,21 @@ class Scheduler:
                 await self._fail(run, ref.attempt, error)
         session.send(ResultAck(run_id=result.run_id, attempt=result.attempt))
         self.wake()
+
+    def _ask_again(
+        self, session: Session, run: _Run, ref: RunRef, settled: int, exc: Exception
+    ) -> None:
+        """The store refused a success: have its runner send it again. Unacknowledged, the
+        runner still has it; a new connection makes it send it at once (its hello names it,
+        so the run is held for it as after any reconnect, and run again only if it never
+        comes)."""
+        log.error(
+            "cannot record the result of run %s attempt %d (%s): asking runner %s for it again",
+            run.id, ref.attempt, exc, session.runner_id,
+        )  # fmt: skip
+        run.settled = settled
+        self._held[run.id] = time.monotonic() + self.timings.heartbeat_timeout
+        session.close(CloseCode.INTERNAL_ERROR, "the hub could not record a result")
 
     # -- views --------------------------------------------------------------------------------
 
