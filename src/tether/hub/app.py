@@ -127,11 +127,13 @@ def create_app(
         with the whole run: a submit and a long poll in one round trip."""
         run = parse_run(parse_body(body), "run")
         timeout = None if wait is None else seconds("wait", wait)
-        [(record, created)] = await scheduler.submit([run])
+        watch: dict[str, Any] | None = None if timeout is None else {}
+        [(record, created)] = await scheduler.submit([run], watch=watch)
         status = 201 if created else 200
-        if timeout is None:
+        if timeout is None or watch is None:
             return status, {"id": record.id, "state": record.state}
-        return status, (await scheduler.wait(record.id, timeout) or record).public()
+        finished = await scheduler.wait(record.id, timeout, watch.get(record.id))
+        return status, (finished or record).public()
 
     async def do_submit_batch(body: bytes | bytearray) -> tuple[int, Any]:
         obj = parse_body(body)

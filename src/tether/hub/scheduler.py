@@ -299,7 +299,17 @@ class Scheduler:
         info = self.functions.get(function)
         return None if info is None else str(info.get("queue", "default"))
 
-    async def submit(self, requests: Sequence[SubmitRequest]) -> list[tuple[RunRecord, bool]]:
+    async def submit(
+        self,
+        requests: Sequence[SubmitRequest],
+        *,
+        watch: dict[str, asyncio.Future[RunRecord | None]] | None = None,
+    ) -> list[tuple[RunRecord, bool]]:
+        """Store new runs (answered once committed) and start those a runner can take now.
+
+        ``watch``: filled with a waiter for each run started at once, in place before its
+        dispatch goes out, for :meth:`wait` (a quick step may finish before the commit does).
+        """
         now = time.time()
         new = [
             NewRun(
@@ -322,12 +332,18 @@ class Scheduler:
         starts = self._claim_new(new, now)
         marks = [(run.id, run.attempt, session.runner_id, now) for session, run in starts]
         insert = self.storage.submit(_insert_runs, self.store, new, marks)
+        if watch is not None:
+            loop = asyncio.get_running_loop()
+            for _, run in starts:
+                watch[run.id] = waiter = loop.create_future()
+                self._waiters.setdefault(run.id, set()).add(waiter)
         if starts:
             self._send_dispatches(starts, now, log_running=False)  # logged once stored
         try:
             stored = await insert
         except BaseException:
             for session, run in starts:
+                self._finished(run.id)  # its waiter, if any: nothing to wait for
                 self.runs.pop(run.id, None)
                 self._unqueue(run)
                 if self.leases.holds(RunRef(run_id=run.id, attempt=run.attempt), session.runner_id):
@@ -383,11 +399,18 @@ class Scheduler:
     async def get(self, run_id: str) -> RunRecord | None:
         return await self.storage.call(self.store.get, run_id)
 
-    async def wait(self, run_id: str, timeout: float) -> RunRecord | None:
-        """The run once it is finished, or as it is when ``timeout`` passes."""
-        if run_id in self.runs and timeout > 0:
-            waiter: asyncio.Future[RunRecord | None] = asyncio.get_running_loop().create_future()
-            self._waiters.setdefault(run_id, set()).add(waiter)
+    async def wait(
+        self,
+        run_id: str,
+        timeout: float,
+        waiter: asyncio.Future[RunRecord | None] | None = None,
+    ) -> RunRecord | None:
+        """The run once it is finished, or as it is when ``timeout`` passes. ``waiter``: one
+        :meth:`submit` put in place (it may be answered already)."""
+        if waiter is not None or (run_id in self.runs and timeout > 0):
+            if waiter is None:
+                waiter = asyncio.get_running_loop().create_future()
+                self._waiters.setdefault(run_id, set()).add(waiter)
             try:
                 async with asyncio.timeout(timeout):
                     record = await waiter
