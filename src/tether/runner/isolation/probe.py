@@ -39,7 +39,7 @@ _PROBE_MODULE: Final = "tether.runner.isolation.probe"
 # Answers null, or [module, reason].
 _PROBE_CODE: Final = """\
 import sys as _sys
-_sys.path[:] = _tether_path.split("\\0")
+_sys.path[:] = _tether_path.split("\\0") if _tether_path else []
 from tether._step import import_modules as _import_modules
 from tether._wire import dumps as _dumps
 _tether_reply(_dumps(_import_modules(_sys.path, [_tether_module])))

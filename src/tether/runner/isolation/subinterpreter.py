@@ -70,7 +70,7 @@ _log = logging.getLogger(__name__)
 # [module, reason] for the first preload module that failed.
 _INIT: Final = """\
 import os as _os, sys as _sys
-_sys.path[:] = _tether_path.split("\\0")
+_sys.path[:] = _tether_path.split("\\0") if _tether_path else []
 from tether._step import import_modules as _tether_import_modules, run_step as _tether_run_step
 from tether._wire import dumps as _tether_dumps
 _tether_reply(_tether_dumps(_tether_import_modules(
