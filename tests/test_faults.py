@@ -13,7 +13,7 @@ import pytest
 
 from proxy import Proxy, proxy_to
 from support import UNIT, Cluster, Proc, poll
-from tether import Client, HubUnavailable
+from tether import Client, HubUnavailable, TaskError
 
 pytestmark = pytest.mark.slow
 
@@ -157,3 +157,26 @@ def test_a_success_the_store_refuses_is_asked_for_again_and_stands(cluster: Clus
         stored = http.get(f"/v1/runs/{told['id']}").json()
     assert (stored["result"], stored["attempt"], stored.get("errors", [])) == (42, 1, [])
     assert "asking runner runner1 for it again" in cluster.procs[0].output()
+
+
+def test_a_failure_the_store_refuses_is_asked_for_again_too(cluster: Cluster) -> None:
+    cluster.hub()
+    cluster.runner("apps.jobs")
+    db = sqlite3.connect(cluster.tmp / "data" / "tether.db", timeout=10)
+    db.execute(
+        "CREATE TRIGGER refuse_failure BEFORE UPDATE OF state ON runs"
+        " WHEN NEW.state = 'failed' BEGIN SELECT RAISE(ABORT, 'refused on purpose'); END"
+    )
+    db.commit()
+    with Client(cluster.url) as client:
+        handle = client.submit("apps.jobs.boom", "kept")
+        poll("the hub to ask for the outcome again",
+             lambda: "asking runner runner1 for it again" in cluster.procs[0].output())  # fmt: skip
+        assert client.run(handle.id)["state"] == "running"
+        db.execute("DROP TRIGGER refuse_failure")
+        db.commit()
+        db.close()
+        with pytest.raises(TaskError, match="kept") as caught:
+            handle.get(timeout=20 * UNIT)
+        assert caught.value.type == "ValueError"
+        assert client.run(handle.id)["attempt"] == 1  # sent again, not run again

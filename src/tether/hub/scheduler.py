@@ -811,7 +811,8 @@ class Scheduler:
             # outcome is in its record, it is built here and they have it at once, while it is
             # written; otherwise it is read back in the commit. The runner is acknowledged only
             # after the commit and holds the result until then, so what a waiter was told
-            # stands: a restarted hub gets it again, and so does this one if the commit fails.
+            # stands: a restarted hub gets it again, and so does this one if the commit fails
+            # (_ask_again).
             waited = run.id in self._waiters
             told = None
             if waited and run.failures == 0 and run.losses == 0:
@@ -842,29 +843,37 @@ class Scheduler:
             }
             info = session.functions.get(run.function) or self.functions.get(run.function)
             retries, backoff = _retry_policy(info)
-            if result.error.retryable and run.failures < retries:
-                run.failures += 1
-                delay = backoff * 2 ** (run.failures - 1) * random.uniform(0.5, 1.5)
-                run.not_before = now + delay
-                await self.storage.call(
-                    self.store.requeue, run.id, ref.attempt, not_before=run.not_before, error=error
-                )
-                self.metrics.function(run.function).retried.inc()
-                _log_run(run, "queued", error=error["type"], retry=f"{run.failures}/{retries}",
-                         delay_s=delay)  # fmt: skip
-                self._enqueue(run)
-            else:
-                await self._fail(run, ref.attempt, error)
+            failures, not_before = run.failures, run.not_before
+            try:
+                if result.error.retryable and run.failures < retries:
+                    run.failures += 1
+                    delay = backoff * 2 ** (run.failures - 1) * random.uniform(0.5, 1.5)
+                    run.not_before = now + delay
+                    await self.storage.call(
+                        self.store.requeue, run.id, ref.attempt, not_before=run.not_before,
+                        error=error,
+                    )  # fmt: skip
+                    self.metrics.function(run.function).retried.inc()
+                    _log_run(run, "queued", error=error["type"],
+                             retry=f"{run.failures}/{retries}", delay_s=delay)  # fmt: skip
+                    self._enqueue(run)
+                else:
+                    await self._fail(run, ref.attempt, error)
+            except StoreError as exc:
+                run.failures, run.not_before = failures, not_before
+                self._ask_again(session, run, ref, settled, exc)
+                return
         session.send(ResultAck(run_id=result.run_id, attempt=result.attempt))
         self.wake()
 
     def _ask_again(
         self, session: Session, run: _Run, ref: RunRef, settled: int, exc: Exception
     ) -> None:
-        """The store refused a success: have its runner send it again. Unacknowledged, the
-        runner still has it; a new connection makes it send it at once (its hello names it,
-        so the run is held for it as after any reconnect, and run again only if it never
-        comes)."""
+        """The store refused to record an outcome: have its runner send it again.
+
+        Unacknowledged, the runner still has it; a new connection makes it send it at once
+        (its hello names it, so the run is held for it as after any reconnect, and run again
+        only if it never comes)."""
         log.error(
             "cannot record the result of run %s attempt %d (%s): asking runner %s for it again",
             run.id, ref.attempt, exc, session.runner_id,
