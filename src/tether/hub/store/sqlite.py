@@ -75,6 +75,11 @@ _INSERT = (
     "INSERT INTO runs (id, function, queue, args, kwargs, state, created_at, not_before,"
     " idempotency_key) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?)"
 )
+# A run's attempt starts (again): only a queued or running run, never a finished one.
+_MARK_RUNNING = (
+    "UPDATE runs SET state = 'running', attempt = ?, runner_id = ?,"
+    " started_at = COALESCE(started_at, ?) WHERE id = ? AND state IN ('queued', 'running')"
+)
 
 
 def _row(run: NewRun) -> tuple[Any, ...]:
@@ -241,8 +246,7 @@ class SQLiteStore(Store):
 
     def mark_running_many(self, marks: Sequence[tuple[str, int, str, float]]) -> None:
         self.db.executemany(
-            "UPDATE runs SET state = 'running', attempt = ?, runner_id = ?,"
-            " started_at = COALESCE(started_at, ?) WHERE id = ? AND state IN ('queued', 'running')",
+            _MARK_RUNNING,
             [(attempt, runner_id, now, run_id) for run_id, attempt, runner_id, now in marks],
         )
 
@@ -258,8 +262,7 @@ class SQLiteStore(Store):
 
     def mark_running(self, run_id: str, attempt: int, runner_id: str, now: float) -> None:
         self.db.execute(
-            "UPDATE runs SET state = 'running', attempt = ?, runner_id = ?,"
-            " started_at = COALESCE(started_at, ?) WHERE id = ? AND state IN ('queued', 'running')",
+            _MARK_RUNNING,
             (attempt, runner_id, now, run_id),
         )
 
