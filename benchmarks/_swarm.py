@@ -36,8 +36,10 @@ from tether.protocol import (
     FunctionInfo,
     HeartbeatAck,
     Hello,
+    Outcome,
     Result,
     RunnerConnection,
+    RunRef,
     Welcome,
     encode,
 )
@@ -74,10 +76,12 @@ async def light_runner(
                     if conn.round_trip is not None:
                         stats.round_trips_ms.append(conn.round_trip * 1000)
                 elif isinstance(event, Dispatch) and work:
-                    await ws.send(encode(Ack(run_id=event.run_id, attempt=event.attempt)))
-                    await ws.send(encode(Result(run_id=event.run_id, attempt=event.attempt,
-                                                ok=True, value=None)))  # fmt: skip
-                    stats.results += 1
+                    refs = tuple(RunRef(run_id=r.run_id, attempt=r.attempt) for r in event.runs)
+                    await ws.send(encode(Ack(runs=refs)))
+                    outcomes = tuple(Outcome(run_id=r.run_id, attempt=r.attempt, ok=True)
+                                     for r in event.runs)  # fmt: skip
+                    await ws.send(encode(Result(outcomes=outcomes)))
+                    stats.results += len(outcomes)
         finally:
             beats.cancel()
 

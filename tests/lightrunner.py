@@ -18,12 +18,16 @@ from websockets.typing import Subprotocol
 
 from tether.protocol import (
     SUBPROTOCOL,
+    Assignment,
+    Dispatch,
     ErrorInfo,
     FunctionInfo,
     HeartbeatAck,
     Hello,
     Message,
+    Outcome,
     Result,
+    ResultAck,
     RunnerConnection,
     RunRef,
     Welcome,
@@ -50,10 +54,17 @@ class LightRunner:
                     assert isinstance(event, Message), event
                     return event
 
+    async def recv_run(self, timeout: float = 5.0) -> Assignment:
+        """The run of the next message, which must be a dispatch of one run."""
+        message = await self.recv(timeout)
+        assert isinstance(message, Dispatch) and len(message.runs) == 1, message
+        return message.runs[0]
+
     async def result(self, run_id: str, attempt: int, value: Any = None, *,
                      error: ErrorInfo | None = None) -> None:  # fmt: skip
-        await self.send(Result(run_id=run_id, attempt=attempt, ok=error is None, value=value,
-                               error=error))  # fmt: skip
+        outcome = Outcome(run_id=run_id, attempt=attempt, ok=error is None, value=value,
+                          error=error)  # fmt: skip
+        await self.send(Result(outcomes=(outcome,)))
 
     async def _heartbeat(self) -> None:
         while True:
@@ -61,6 +72,11 @@ class LightRunner:
             if self.beating and now >= self.conn.next_heartbeat_at():
                 await self.ws.send(self.conn.heartbeat(now, free_slots=1, in_flight=0))
             await anyio.sleep(0.005)
+
+
+def acked(run_id: str, attempt: int) -> ResultAck:
+    """The hub's acknowledgement of one result."""
+    return ResultAck(runs=(RunRef(run_id=run_id, attempt=attempt),))
 
 
 @asynccontextmanager

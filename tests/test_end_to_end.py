@@ -121,6 +121,28 @@ def test_call_submits_and_waits_in_one_request(
         slow.join()
 
 
+def test_runs_sent_together_travel_within_the_message_limit(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    # Two 40 kB arguments or results in one message would be 80 kB, over this hub's 64 KiB:
+    # runs dispatched together, and outcomes that finish together, go in as many messages as
+    # the limit asks for.
+    cluster.hub(TETHER_MAX_MESSAGE_BYTES=str(64 * 1024))
+    cluster.runner("apps.jobs", slots=2)
+    with Client(cluster.url) as client:
+        results = client.submit_many("apps.jobs.text", [(40_000,)] * 12)
+        assert [len(h.get(timeout=20 * UNIT)) for h in results] == [40_000] * 12
+        # Both slots busy: the runs queue at the hub and go out together once they free.
+        release = tmp_path / "release"
+        blockers = [client.submit("apps.jobs.wait_for", str(release), str(tmp_path / f"s{i}"))
+                    for i in range(2)]  # fmt: skip
+        poll("both slots to be busy", lambda: all((tmp_path / f"s{i}").exists() for i in (0, 1)))
+        arguments = [client.submit("apps.jobs.length", "y" * 40_000) for _ in range(12)]
+        release.write_text("go")
+        assert [h.get(timeout=20 * UNIT) for h in blockers] == ["released"] * 2
+        assert [h.get(timeout=20 * UNIT) for h in arguments] == [40_000] * 12
+
+
 @pytest.mark.anyio
 async def test_async_call(cluster: Cluster) -> None:
     cluster.hub()

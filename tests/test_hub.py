@@ -13,7 +13,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Subprotocol
 
-from lightrunner import light_runner
+from lightrunner import LightRunner, acked, light_runner
 from support import UNIT, apoll
 from tether.hub import Hub
 from tether.protocol import (
@@ -27,7 +27,9 @@ from tether.protocol import (
     Extended,
     FunctionInfo,
     LeaseLost,
+    Outcome,
     RejectDispatch,
+    Result,
     ResultAck,
     RunRef,
 )
@@ -142,10 +144,9 @@ async def test_reading_runs(api: httpx.AsyncClient) -> None:
 async def test_dispatch_result_and_long_poll(hub: str, api: httpx.AsyncClient) -> None:
     async with light_runner(hub) as runner:
         run_id = await submit(api, "t.f", 2, 3)
-        dispatch = await runner.recv()
-        assert isinstance(dispatch, Dispatch)
+        dispatch = await runner.recv_run()
         assert (dispatch.run_id, dispatch.attempt, dispatch.args) == (run_id, 1, [2, 3])
-        await runner.send(Ack(run_id=run_id, attempt=1))
+        await runner.send(Ack(runs=(RunRef(run_id=run_id, attempt=1),)))
         assert (await state(api, run_id))["state"] == "running"
         async with anyio.create_task_group() as tg:
             waited: dict[str, object] = {}
@@ -156,7 +157,7 @@ async def test_dispatch_result_and_long_poll(hub: str, api: httpx.AsyncClient) -
 
             tg.start_soon(wait)
             await runner.result(run_id, 1, 5)
-            assert await runner.recv() == ResultAck(run_id=run_id, attempt=1)
+            assert await runner.recv() == acked(run_id, 1)
         assert waited["state"] == "succeeded"
         assert waited["result"] == 5
         [view] = (await api.get("/v1/runners")).json()["runners"]
@@ -165,23 +166,92 @@ async def test_dispatch_result_and_long_poll(hub: str, api: httpx.AsyncClient) -
         assert view["heartbeat"]["interval_ms"] == 50
 
 
+async def until_acked(runner: LightRunner, refs: set[RunRef]) -> list[Dispatch]:
+    """Read until every ref in ``refs`` is acknowledged; the dispatches that came meanwhile."""
+    dispatches = []
+    while refs:
+        message = await runner.recv()
+        if isinstance(message, ResultAck):
+            refs -= set(message.runs)
+        else:
+            assert isinstance(message, Dispatch), message
+            dispatches.append(message)
+    return dispatches
+
+
+async def test_outcomes_sent_together_are_recorded_and_acknowledged_together(
+    hub: str, api: httpx.AsyncClient
+) -> None:
+    async with light_runner(hub, slots=3) as runner:
+        ids = [await submit(api, "t.f", i) for i in range(3)]
+        runs = [await runner.recv_run() for _ in ids]
+        assert [run.run_id for run in runs] == ids
+        fail = ErrorInfo(type="KeyError", message="k", retryable=False)
+        outcomes = (
+            Outcome(run_id=ids[0], attempt=1, ok=True, value="first"),
+            Outcome(run_id=ids[1], attempt=1, ok=False, error=fail),
+            Outcome(run_id=ids[2], attempt=7, ok=True, value="stale"),  # no such attempt
+            Outcome(run_id=ids[2], attempt=1, ok=True, value=[3]),
+        )
+        await runner.send(Result(outcomes=outcomes))
+        ack = await runner.recv()
+        assert isinstance(ack, ResultAck)
+        assert sorted(ack.runs, key=repr) == sorted(
+            (RunRef(run_id=o.run_id, attempt=o.attempt) for o in outcomes), key=repr
+        )
+    views = [await state(api, run_id) for run_id in ids]
+    assert [v["state"] for v in views] == ["succeeded", "failed", "succeeded"]
+    assert (views[0]["result"], views[2]["result"]) == ("first", [3])
+    assert views[1]["error"]["type"] == "KeyError"  # type: ignore[index]
+
+
+async def test_runs_waiting_on_a_busy_runner_are_sent_in_batches(
+    hub: str, api: httpx.AsyncClient
+) -> None:
+    # One slot. Until a step's duration is known the hub sends 2 runs per slot (one to run, one
+    # to wait); once steps are known to be quick, up to 8, topped up only once a quarter of
+    # those are done, each top-up in one message.
+    async with light_runner(hub, slots=1) as runner:
+        created = await api.post("/v1/runs/batch", json={"runs": [{"function": "t.f"}] * 20})
+        assert created.status_code == 201
+        first = await runner.recv()
+        assert isinstance(first, Dispatch) and len(first.runs) == 2
+        held = list(first.runs)
+
+        async def finish_next() -> list[Dispatch]:
+            run = held.pop(0)
+            await runner.result(run.run_id, run.attempt)  # duration 0: a quick step
+            dispatches = await until_acked(runner, {RunRef(run_id=run.run_id, attempt=1)})
+            for dispatch in dispatches:
+                held.extend(dispatch.runs)
+            return dispatches
+
+        assert [len(d.runs) for d in await finish_next()] == [7]  # topped up to 8
+        assert await finish_next() == []  # 7 held: not yet
+        assert [len(d.runs) for d in await finish_next()] == [2]  # 6 held: back to 8
+        while held:
+            await finish_next()
+        ids = created.json()["ids"]
+    assert {(await state(api, run_id))["state"] for run_id in ids} == {"succeeded"}
+
+
 async def test_a_late_result_from_a_lost_lease_is_fenced_off(
     hub: str, api: httpx.AsyncClient
 ) -> None:
     async with light_runner(hub) as runner:
         run_id = await submit(api)
-        first = await runner.recv()
-        assert isinstance(first, Dispatch) and first.attempt == 1
+        first = await runner.recv_run()
+        assert first.attempt == 1
         # Never extend: the 1 s lease expires, the hub takes the run back and dispatches it again.
         lost = await runner.recv(timeout=5 * UNIT)
         assert lost == LeaseLost(run_id=run_id, attempt=1, reason="lease expired")
-        second = await runner.recv(timeout=5 * UNIT)
-        assert isinstance(second, Dispatch) and second.attempt == 2
+        second = await runner.recv_run(timeout=5 * UNIT)
+        assert second.attempt == 2
         await runner.result(run_id, 1, "stale")
-        assert await runner.recv() == ResultAck(run_id=run_id, attempt=1)
+        assert await runner.recv() == acked(run_id, 1)
         assert (await state(api, run_id))["state"] == "running"
         await runner.result(run_id, 2, "fresh")
-        assert await runner.recv() == ResultAck(run_id=run_id, attempt=2)
+        assert await runner.recv() == acked(run_id, 2)
     view = await state(api, run_id)
     assert (view["state"], view["attempt"], view["result"]) == ("succeeded", 2, "fresh")
 
@@ -197,7 +267,7 @@ async def test_extensions_keep_a_step_longer_than_its_lease(
             assert isinstance(await runner.recv(), Extended)
             await anyio.sleep(0.3)
         await runner.result(run_id, 1, "done")
-        assert await runner.recv() == ResultAck(run_id=run_id, attempt=1)
+        assert await runner.recv() == acked(run_id, 1)
     view = await state(api, run_id)
     assert (view["state"], view["attempt"]) == ("succeeded", 1)
 
@@ -208,16 +278,16 @@ async def test_a_silent_runner_is_declared_dead_and_its_run_moves(
     # The hub dispatches to the runner with the most free slots: a.
     async with light_runner(hub, "a", slots=2) as a, light_runner(hub, "b", slots=1) as b:
         run_id = await submit(api)
-        first = await a.recv()
-        assert isinstance(first, Dispatch) and first.attempt == 1
+        first = await a.recv_run()
+        assert first.attempt == 1
         a.beating = False
         with pytest.raises(ConnectionClosed) as closed:
             await a.recv(timeout=5 * UNIT)
         assert (
             closed.value.rcvd is not None and closed.value.rcvd.code == CloseCode.HEARTBEAT_TIMEOUT
         )
-        second = await b.recv(timeout=5 * UNIT)
-        assert isinstance(second, Dispatch) and (second.run_id, second.attempt) == (run_id, 2)
+        second = await b.recv_run(timeout=5 * UNIT)
+        assert (second.run_id, second.attempt) == (run_id, 2)
         await b.result(run_id, 2, "ok")
         assert isinstance(await b.recv(), ResultAck)
         ids = [r["id"] for r in (await api.get("/v1/runners")).json()["runners"]]
@@ -231,8 +301,8 @@ async def test_retries_then_failure_keep_every_error(hub: str, api: httpx.AsyncC
     async with light_runner(hub, functions=[info]) as runner:
         run_id = await submit(api)
         for attempt in (1, 2, 3):
-            dispatch = await runner.recv()
-            assert isinstance(dispatch, Dispatch) and dispatch.attempt == attempt
+            dispatch = await runner.recv_run()
+            assert dispatch.attempt == attempt
             await runner.result(run_id, attempt, error=ErrorInfo(type="E", message=f"no {attempt}"))
             assert isinstance(await runner.recv(), ResultAck)
     view = await state(api, run_id)
@@ -259,8 +329,8 @@ async def test_rejected_dispatch_goes_to_another_runner(hub: str, api: httpx.Asy
         assert isinstance(await a.recv(), Dispatch)
         async with light_runner(hub, "b", slots=1) as b:
             await a.send(RejectDispatch(run_id=run_id, attempt=1, reason="draining"))
-            again = await b.recv()
-            assert isinstance(again, Dispatch) and again.attempt == 2
+            again = await b.recv_run()
+            assert again.attempt == 2
 
 
 async def test_cancel_of_a_running_run_reaches_its_runner(hub: str, api: httpx.AsyncClient) -> None:
@@ -312,8 +382,8 @@ async def test_bad_frames_get_a_meaningful_close_and_others_are_unaffected(
     async with light_runner(hub) as good:
         assert await closed_with(hub, *frames) == code
         run_id = await submit(api)
-        dispatch = await good.recv()
-        assert isinstance(dispatch, Dispatch) and dispatch.run_id == run_id
+        dispatch = await good.recv_run()
+        assert dispatch.run_id == run_id
 
 
 async def test_connection_without_the_subprotocol_is_refused(hub: str) -> None:
@@ -330,16 +400,17 @@ async def test_metrics_after_real_runs_parse_as_prometheus_text(
 
     info = FunctionInfo(name="t.f", retries=1, backoff=0.01)
     async with light_runner(hub, functions=[info]) as runner:
-        ok, bad = await submit(api), await submit(api)
+        ok = await submit(api)
+        await submit(api)  # fails
         acks = 0
         while acks < 3:  # ok succeeds; bad fails, is retried once, fails for good
             message = await runner.recv()
             if isinstance(message, ResultAck):
-                acks += 1
-            elif isinstance(message, Dispatch) and message.run_id == ok:
-                await runner.result(ok, message.attempt, 1)
+                acks += len(message.runs)
             elif isinstance(message, Dispatch):
-                await runner.result(bad, message.attempt, error=ErrorInfo(type="E", message="x"))
+                for run in message.runs:
+                    error = None if run.run_id == ok else ErrorInfo(type="E", message="x")
+                    await runner.result(run.run_id, run.attempt, 1, error=error)
         await apoll("two heartbeats (the gap histogram needs them)", lambda: heartbeats(api, 2))
         response = await api.get("/metrics")
     assert response.status_code == 200

@@ -21,6 +21,7 @@ from tether.protocol import (
     PROTOCOL_VERSION,
     RUNNER_MESSAGES,
     Ack,
+    Assignment,
     Cancel,
     CloseCode,
     Closing,
@@ -32,11 +33,14 @@ from tether.protocol import (
     Heartbeat,
     Hello,
     Message,
+    Outcome,
     Result,
+    ResultAck,
     RunRef,
     Welcome,
     decode,
     encode,
+    encode_split,
 )
 
 INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
@@ -110,8 +114,13 @@ def heartbeat(**overrides: Any) -> str:
 
 
 def result(**overrides: Any) -> str:
-    fields = {"type": "result", "run_id": "r1", "attempt": 1, "ok": True, "value": None}
-    return frame(**(fields | overrides))
+    """A result frame carrying one outcome, with ``overrides`` in that outcome."""
+    fields = {"run_id": "r1", "attempt": 1, "ok": True, "value": None}
+    return frame(type="result", outcomes=[fields | overrides])
+
+
+def succeeded(value: Any = None, **fields: Any) -> Result:
+    return Result(outcomes=(Outcome(run_id="r1", attempt=1, ok=True, value=value, **fields),))
 
 
 def hello(**overrides: Any) -> str:
@@ -120,8 +129,9 @@ def hello(**overrides: Any) -> str:
 
 
 def dispatch(**overrides: Any) -> str:
-    fields = {"type": "dispatch", "run_id": "r", "attempt": 1, "function": "f", "lease_ms": 1}
-    return frame(**(fields | {"args": [], "kwargs": {}} | overrides))
+    """A dispatch frame carrying one run, with ``overrides`` in that run."""
+    fields = {"run_id": "r", "attempt": 1, "function": "f", "args": [], "kwargs": {}}
+    return frame(type="dispatch", lease_ms=1, runs=[fields | overrides])
 
 
 def assert_error(data: bytes | str, code: int, *fragments: str) -> ProtocolError:
@@ -182,13 +192,11 @@ def test_nested_records_round_trip() -> None:
         draining=True,
     )
     assert decode(encode(message)) == message
-    failed = Result(
-        run_id="r",
-        attempt=1,
-        ok=False,
-        error=ErrorInfo(type="KeyError", message="'k'", traceback="Traceback...", retryable=False),
-    )
+    error = ErrorInfo(type="KeyError", message="'k'", traceback="Traceback...", retryable=False)
+    failed = Result(outcomes=(Outcome(run_id="r", attempt=1, ok=False, error=error),))
     assert decode(encode(failed)) == failed
+    several = Result(outcomes=(*failed.outcomes, *succeeded([1, "x"]).outcomes))
+    assert decode(encode(several)) == several
 
 
 def test_defaults_fill_omitted_fields() -> None:
@@ -212,7 +220,8 @@ def test_unknown_fields_are_ignored_for_newer_peers() -> None:
 def test_integer_for_a_float_field_becomes_a_float() -> None:
     message = decode(result(duration_ms=5))
     assert isinstance(message, Result)
-    assert message.duration_ms == 5.0 and type(message.duration_ms) is float
+    duration = message.outcomes[0].duration_ms
+    assert duration == 5.0 and type(duration) is float
 
 
 def test_non_ascii_is_sent_as_utf8() -> None:
@@ -225,22 +234,20 @@ def test_deep_payload_round_trips() -> None:
     nested: list[Any] = []
     for _ in range(2_000):
         nested = [nested]
-    message = Dispatch(run_id="r", attempt=1, function="f", args=[nested], kwargs={}, lease_ms=1000)
+    message = dispatch_with(args=[nested])
     assert decode(encode(message)) == message
 
 
 def test_tuples_in_payloads_are_sent_as_lists() -> None:
-    message = Result(run_id="r", attempt=1, ok=True, value=(1, (2, 3)))
-    assert decode(encode(message)) == Result(run_id="r", attempt=1, ok=True, value=[1, [2, 3]])
+    assert decode(encode(succeeded((1, (2, 3))))) == succeeded([1, [2, 3]])
 
 
 # What encode refuses (the client and the runner turn these into errors for the caller)
 
 
 def dispatch_with(args: list[Any] | None = None, kwargs: dict[str, Any] | None = None) -> Dispatch:
-    return Dispatch(
-        run_id="r", attempt=1, function="f", args=args or [], kwargs=kwargs or {}, lease_ms=1
-    )
+    run = Assignment(run_id="r", attempt=1, function="f", args=args or [], kwargs=kwargs or {})
+    return Dispatch(runs=(run,), lease_ms=1)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
@@ -250,9 +257,9 @@ def test_encode_refuses_non_finite_numbers(bad: float) -> None:
     with pytest.raises(ValueError):
         encode(dispatch_with(kwargs={"x": {"y": bad}}))
     with pytest.raises(ValueError):
-        encode(Result(run_id="r", attempt=1, ok=True, value=bad))
+        encode(succeeded(bad))
     with pytest.raises(ValueError):
-        encode(Result(run_id="r", attempt=1, ok=True, duration_ms=bad))
+        encode(succeeded(duration_ms=bad))
 
 
 @dataclasses.dataclass
@@ -269,7 +276,7 @@ def test_encode_refuses_non_json_values(bad: Any) -> None:
     with pytest.raises(TypeError):
         encode(dispatch_with(kwargs={"k": [bad]}))
     with pytest.raises(TypeError):
-        encode(Result(run_id="r", attempt=1, ok=True, value={"v": bad}))
+        encode(succeeded({"v": bad}))
 
 
 def test_encode_refuses_what_json_cannot_carry() -> None:
@@ -379,9 +386,9 @@ def test_text_and_its_utf8_bytes_decode_alike(text: str) -> None:
         '{"type":"closing","reason":"\\ud800"}',  # ... or as an escape
         '{"type":"closing","reason":"\\udc00\\ud800"}',
         '{"type":"closing","\\ud800":1}',
-        '{"type":"result","run_id":"r","attempt":1,"ok":true,"value":NaN}',
-        '{"type":"result","run_id":"r","attempt":1,"ok":true,"value":-Infinity}',
-        '{"type":"result","run_id":"r","attempt":1,"ok":true,"value":[1e400]}',
+        '{"type":"result","outcomes":[{"run_id":"r","attempt":1,"ok":true,"value":NaN}]}',
+        '{"type":"result","outcomes":[{"run_id":"r","attempt":1,"ok":true,"value":-Infinity}]}',
+        '{"type":"result","outcomes":[{"run_id":"r","attempt":1,"ok":true,"value":[1e400]}]}',
         b"\xff\xfe{}",
         '{"type":"draining"}'.encode("utf-16"),
         '{"type":"draining"}'.encode("utf-32-be"),
@@ -444,13 +451,23 @@ def test_unknown_type(data: str, shown: str) -> None:
         (heartbeat(seq=1.0), "heartbeat.seq", "an integer"),
         (heartbeat(seq=None), "heartbeat.seq", "an integer"),
         (heartbeat(free_slots=[1]), "heartbeat.free_slots", "an integer"),
-        (result(ok=1), "result.ok", "a boolean"),
-        (result(ok="true"), "result.ok", "a boolean"),
-        (result(run_id=1), "result.run_id", "a string"),
-        (result(duration_ms="1"), "result.duration_ms", "a number"),
-        (result(duration_ms=False), "result.duration_ms", "a number"),
-        (result(ok=False, error="boom"), "result.error", "an object"),
-        (result(ok=False, error={"type": "E", "message": 1}), "result.error.message", "a string"),
+        (result(ok=1), "result.outcomes[0].ok", "a boolean"),
+        (result(ok="true"), "result.outcomes[0].ok", "a boolean"),
+        (result(run_id=1), "result.outcomes[0].run_id", "a string"),
+        (result(duration_ms="1"), "result.outcomes[0].duration_ms", "a number"),
+        (result(duration_ms=False), "result.outcomes[0].duration_ms", "a number"),
+        (result(ok=False, error="boom"), "result.outcomes[0].error", "an object"),
+        (
+            result(ok=False, error={"type": "E", "message": 1}),
+            "result.outcomes[0].error.message",
+            "a string",
+        ),
+        (
+            frame(type="result", outcomes=[{"run_id": "a", "attempt": 1, "ok": True},
+                                           {"run_id": "b", "attempt": 1, "ok": None}]),
+            "result.outcomes[1].ok",
+            "a boolean",
+        ),  # fmt: skip
         (hello(functions={"name": "f"}), "hello.functions", "a list"),
         (hello(functions=["f"]), "hello.functions[0]", "an object"),
         (hello(functions=[{"name": "f"}, {"name": 2}]), "hello.functions[1].name", "a string"),
@@ -471,9 +488,9 @@ def test_unknown_type(data: str, shown: str) -> None:
         ),
         (hello(draining=0), "hello.draining", "a boolean"),
         (frame(type="extend", runs=[[]]), "extend.runs[0]", "an object"),
-        (dispatch(args={}), "dispatch.args", "a list"),
-        (dispatch(kwargs=[]), "dispatch.kwargs", "an object"),
-        (dispatch(timeout="soon"), "dispatch.timeout", "a number"),
+        (dispatch(args={}), "dispatch.runs[0].args", "a list"),
+        (dispatch(kwargs=[]), "dispatch.runs[0].kwargs", "an object"),
+        (dispatch(timeout="soon"), "dispatch.runs[0].timeout", "a number"),
     ],
 )
 def test_wrong_field_type_names_the_field(data: str, where: str, expected: str) -> None:
@@ -485,7 +502,9 @@ def test_wrong_field_type_names_the_field(data: str, where: str, expected: str) 
 def test_bool_is_not_an_integer(value: bool) -> None:
     assert_error(heartbeat(seq=value), CloseCode.PROTOCOL_ERROR, "heartbeat.seq", f"{value}")
     assert_error(
-        frame(type="ack", run_id="r", attempt=value), CloseCode.PROTOCOL_ERROR, "ack.attempt"
+        frame(type="ack", runs=[{"run_id": "r", "attempt": value}]),
+        CloseCode.PROTOCOL_ERROR,
+        "ack.runs[0].attempt",
     )
 
 
@@ -495,11 +514,11 @@ def test_integer_fields_are_64_bit() -> None:
     for big in (2**63, -(2**63) - 1, 10**400):
         assert_error(heartbeat(seq=big), CloseCode.PROTOCOL_ERROR, "heartbeat.seq", "64-bit")
     # a huge integer in a float field is refused too, rather than overflowing float()
-    assert_error(result(duration_ms=10**400), CloseCode.PROTOCOL_ERROR, "result.duration_ms")
-    # payloads keep arbitrary integers
-    assert decode(result(value=[10**400])) == Result(
-        run_id="r1", attempt=1, ok=True, value=[10**400]
+    assert_error(
+        result(duration_ms=10**400), CloseCode.PROTOCOL_ERROR, "result.outcomes[0].duration_ms"
     )
+    # payloads keep arbitrary integers
+    assert decode(result(value=[10**400])) == succeeded([10**400])
 
 
 def test_rejected_value_is_shown_briefly() -> None:
@@ -516,11 +535,14 @@ def test_rejected_value_is_shown_briefly() -> None:
     ("data", "where", "name"),
     [
         ('{"type":"heartbeat","seq":1,"free_slots":1}', "heartbeat", "in_flight"),
-        ('{"type":"ack","attempt":1}', "ack", "run_id"),
+        ('{"type":"ack","runs":[{"attempt":1}]}', "ack.runs[0]", "run_id"),
+        ('{"type":"result_ack"}', "result_ack", "runs"),
         ('{"type":"welcome","session_id":"s"}', "welcome", "heartbeat_interval_ms"),
         (hello(functions=[{"queue": "q"}]), "hello.functions[0]", "name"),
         (frame(type="extend", runs=[{"run_id": "r"}]), "extend.runs[0]", "attempt"),
-        (result(ok=False, error={"type": "E"}), "result.error", "message"),
+        (result(ok=False, error={"type": "E"}), "result.outcomes[0].error", "message"),
+        ('{"type":"dispatch","lease_ms":1,"runs":[{"run_id":"r","attempt":1}]}',
+         "dispatch.runs[0]", "function"),  # fmt: skip
     ],
 )
 def test_missing_field(data: str, where: str, name: str) -> None:
@@ -528,8 +550,9 @@ def test_missing_field(data: str, where: str, name: str) -> None:
 
 
 def test_oversized_frame_is_message_too_big() -> None:
-    encoded = encode(Ack(run_id="r" * 100, attempt=1))
-    assert decode(encoded, max_bytes=len(encoded)) == Ack(run_id="r" * 100, attempt=1)
+    message = Ack(runs=(RunRef(run_id="r" * 100, attempt=1),))
+    encoded = encode(message)
+    assert decode(encoded, max_bytes=len(encoded)) == message
     error = None
     for data in (encoded, encoded.decode()):
         with pytest.raises(ProtocolError) as info:
@@ -541,6 +564,35 @@ def test_oversized_frame_is_message_too_big() -> None:
     with pytest.raises(ProtocolError) as info:
         decode(b"\xff" * 11, max_bytes=10)
     assert info.value.code == CloseCode.MESSAGE_TOO_BIG
+
+
+def acks(n: int) -> list[RunRef]:
+    return [RunRef(run_id=f"run-{i:04d}", attempt=1) for i in range(n)]
+
+
+def make_ack(batch: tuple[RunRef, ...]) -> ResultAck:
+    return ResultAck(runs=batch)
+
+
+def test_a_batch_that_fits_is_one_frame() -> None:
+    frames = encode_split(make_ack, acks(50), DEFAULT_MAX_MESSAGE_BYTES)
+    assert frames == [encode(ResultAck(runs=tuple(acks(50))))]
+
+
+@pytest.mark.parametrize("limit", [200, 1_000, 3_000])
+def test_a_batch_too_big_for_one_frame_is_split_in_order(limit: int) -> None:
+    frames = encode_split(make_ack, acks(100), limit)
+    assert len(frames) > 1
+    assert all(len(frame) <= limit for frame in frames)
+    decoded = [decode(frame, max_bytes=limit) for frame in frames]
+    assert [ref for message in decoded for ref in message.runs] == acks(100)  # type: ignore[attr-defined]
+
+
+def test_an_item_too_big_alone_goes_in_a_frame_of_its_own() -> None:
+    big = RunRef(run_id="r" * 500, attempt=1)
+    frames = encode_split(make_ack, [*acks(3), big, *acks(2)], 300)
+    assert all(len(frame) <= 300 for frame in frames if b"rrrr" not in frame)
+    assert [frame for frame in frames if b"rrrr" in frame] == [encode(ResultAck(runs=(big,)))]
 
 
 def test_text_frame_size_is_counted_in_utf8_bytes() -> None:

@@ -19,6 +19,7 @@ from tether.protocol import (
     PROTOCOL_VERSION,
     RUNNER_MESSAGES,
     Ack,
+    Assignment,
     Cancel,
     CloseCode,
     Closing,
@@ -35,6 +36,7 @@ from tether.protocol import (
     HubConnection,
     LeaseLost,
     Message,
+    Outcome,
     ProtocolFailure,
     RejectDispatch,
     Result,
@@ -64,19 +66,26 @@ WELCOME = Welcome(
 # One example of every message each side may send once the connection is open.
 FROM_RUNNER: list[Message] = [
     Heartbeat(seq=1, free_slots=3, in_flight=1),
-    Ack(run_id="r1", attempt=1),
+    Ack(runs=(RunRef(run_id="r1", attempt=1),)),
     RejectDispatch(run_id="r2", attempt=1, reason="no_slot"),
     Extend(runs=(RunRef(run_id="r1", attempt=1),)),
-    Result(run_id="r1", attempt=1, ok=True, value={"x": [1, 2.5, None]}, duration_ms=3.0),
-    Result(run_id="r3", attempt=2, ok=False, error=ErrorInfo(type="E", message="m")),
+    Result(
+        outcomes=(
+            Outcome(run_id="r1", attempt=1, ok=True, value={"x": [1, 2.5, None]}, duration_ms=3.0),
+            Outcome(run_id="r3", attempt=2, ok=False, error=ErrorInfo(type="E", message="m")),
+        )
+    ),
     Draining(),
 ]
 FROM_HUB: list[Message] = [
     HeartbeatAck(seq=1),
-    Dispatch(run_id="r1", attempt=1, function="f", args=[1], kwargs={"k": "v"}, lease_ms=30_000),
+    Dispatch(
+        runs=(Assignment(run_id="r1", attempt=1, function="f", args=[1], kwargs={"k": "v"}),),
+        lease_ms=30_000,
+    ),
     Extended(runs=(RunRef(run_id="r1", attempt=1),), lease_ms=30_000),
     LeaseLost(run_id="r1", attempt=1, reason="expired"),
-    ResultAck(run_id="r1", attempt=1),
+    ResultAck(runs=(RunRef(run_id="r1", attempt=1), RunRef(run_id="r3", attempt=2))),
     Cancel(run_id="r1", attempt=1),
     Closing(reason="shutdown"),
 ]
@@ -336,7 +345,8 @@ def test_hub_closes_on_a_malformed_frame(data: bytes | str, code: int, fragment:
     ("data", "fragment"),
     [
         ('{"type":"heartbeat_ack","seq":1.5}', "heartbeat_ack.seq"),
-        ('{"type":"dispatch","run_id":"r","attempt":1}', "missing field 'function'"),
+        ('{"type":"dispatch","lease_ms":1,"runs":[{"run_id":"r","attempt":1}]}',
+         "dispatch.runs[0]: missing field 'function'"),  # fmt: skip
         ('{"type":"extended","runs":{},"lease_ms":1}', "extended.runs"),
         ('{"type":"lease_lost","run_id":"r","attempt":false,"reason":""}', "lease_lost.attempt"),
     ],
@@ -570,7 +580,7 @@ def test_hub_records_heartbeats() -> None:
     assert list(stats.recent_gaps_ms) == [250.0, 500.0, 125.0, 250.0]  # between heartbeats
     assert stats.last_age_ms(now + 0.125) == 125.0
     # other frames are not heartbeats
-    hub.receive(encode(Ack(run_id="r", attempt=1)), now + 1)
+    hub.receive(encode(Ack(runs=(RunRef(run_id="r", attempt=1),))), now + 1)
     assert stats.count == 5
 
 

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from tether.protocol import ErrorInfo, Lease, LeaseTable, Result, ResultOutbox, RunRef
+from tether.protocol import ErrorInfo, Lease, LeaseTable, Outcome, ResultOutbox, RunRef
 
 T0 = 1_000.0
 LEASE = 30.0  # seconds
@@ -19,8 +19,8 @@ def ref(run_id: str = "r1", attempt: int = 1) -> RunRef:
     return RunRef(run_id=run_id, attempt=attempt)
 
 
-def result(run_id: str = "r1", attempt: int = 1, **fields: Any) -> Result:
-    return Result(run_id=run_id, attempt=attempt, **({"ok": True} | fields))
+def result(run_id: str = "r1", attempt: int = 1, **fields: Any) -> Outcome:
+    return Outcome(run_id=run_id, attempt=attempt, **({"ok": True} | fields))
 
 
 # LeaseTable
@@ -277,7 +277,7 @@ def test_outbox_attempts_are_distinct() -> None:
 )
 def test_outbox_matches_an_ordered_model(ops: list[tuple[str, str, int, int]]) -> None:
     outbox = ResultOutbox()
-    model: dict[tuple[str, int], Result] = {}  # dicts keep insertion order
+    model: dict[tuple[str, int], Outcome] = {}  # dicts keep insertion order
     for op, run_id, attempt, value in ops:
         if op == "add":
             r = result(run_id, attempt, value=value)

@@ -135,3 +135,13 @@ def finish_when(release: str, started: str, done: str) -> str:
 def nap(seconds: float) -> float:
     time.sleep(seconds)
     return seconds
+
+
+@app.task(isolation="subinterpreter")
+def text(size: int) -> str:
+    return "x" * size
+
+
+@app.task(isolation="subinterpreter")
+def length(text: str) -> int:
+    return len(text)

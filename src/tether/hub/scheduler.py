@@ -30,6 +30,7 @@ from typing import Any
 from ..exceptions import StoreError
 from ..protocol import (
     Ack,
+    Assignment,
     Cancel,
     CloseCode,
     Dispatch,
@@ -42,15 +43,17 @@ from ..protocol import (
     LeaseLost,
     LeaseTable,
     Message,
+    Outcome,
     RejectDispatch,
     Result,
     ResultAck,
     RunRef,
     encode,
+    encode_split,
 )
 from .metrics import HubMetrics
 from .storage import StoreThread
-from .store import NewRun, RunRecord, RunState, Store, new_run_id
+from .store import NewRun, RunRecord, RunState, Store, new_run_ids
 
 __all__ = ["MAX_HOLD_PER_SLOT", "HubTimings", "Scheduler", "Session", "SubmitRequest"]
 
@@ -61,7 +64,8 @@ __all__ = ["MAX_HOLD_PER_SLOT", "HubTimings", "Scheduler", "Session", "SubmitReq
 # MAX_HOLD_PER_SLOT - 1. A function whose steps take longer than that gets none waiting (the
 # round trip is small beside its steps); one not seen yet gets one waiting per slot. Runs go
 # to the runner with the most room first, so they wait on a runner only while every runner is
-# busy. The runner accepts up to MAX_HOLD_PER_SLOT per slot (runner/connection.py).
+# busy, and a busy runner is topped up a quarter of its runs at a time (Scheduler._pick). The
+# runner accepts up to MAX_HOLD_PER_SLOT per slot (runner/connection.py).
 MAX_HOLD_PER_SLOT = 8
 WAITING_MS = 2.0
 
@@ -204,6 +208,14 @@ class Session:
         if not self._send(encode(message)):
             self.close(CloseCode.SLOW_CONSUMER, "runner is not reading its frames")
 
+    def send_batch[T](self, make: Callable[[tuple[T, ...]], Message], items: Sequence[T]) -> None:
+        """``make(items)`` as one message, or several if one would exceed the size limit."""
+        for frame in encode_split(make, items, self.conn.max_message_bytes):
+            if self.closed:
+                return
+            if not self._send(frame):
+                self.close(CloseCode.SLOW_CONSUMER, "runner is not reading its frames")
+
     def close(self, code: int, reason: str) -> None:
         if not self.closed:
             self.closed = True
@@ -244,6 +256,7 @@ class Scheduler:
         self._loop: asyncio.AbstractEventLoop | None = None  # while serve() runs
         self._dispatch_due = False
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._reported: dict[Session, list[Outcome]] = {}  # outcomes not yet taken up
         self.metrics = HubMetrics()
 
     # -- life cycle ---------------------------------------------------------------------------
@@ -313,7 +326,7 @@ class Scheduler:
         now = time.time()
         new = [
             NewRun(
-                id=new_run_id(),
+                id=run_id,
                 function=r.function,
                 queue=r.queue or self.queue_of(r.function) or "default",
                 args=r.args,
@@ -322,7 +335,7 @@ class Scheduler:
                 not_before=now + r.delay,
                 idempotency_key=r.idempotency_key,
             )
-            for r in requests
+            for r, run_id in zip(requests, new_run_ids(len(requests)), strict=True)
         ]
         # Runs a runner can take at once are stored as running in the same commit as their
         # insert, and dispatched while that commit is being written: the step runs while the
@@ -373,6 +386,7 @@ class Scheduler:
         overtake runs already waiting in its queue is left to the queue."""
         starts: list[tuple[Session, _Run]] = []
         blocked: set[tuple[str, str]] = set()
+        topping: set[Session] = set()
         expires = time.monotonic() + self.timings.lease
         for n in new:
             key = (n.queue, n.function)
@@ -380,7 +394,7 @@ class Scheduler:
                 continue
             session = None
             if n.idempotency_key is None and n.not_before <= now and not self._ready.get(key):
-                session = self._pick(n.function, n.queue)
+                session = self._pick(n.function, n.queue, topping)
             if session is None:
                 blocked.add(key)
                 continue
@@ -484,23 +498,35 @@ class Scheduler:
             return 2
         return 1 + min(MAX_HOLD_PER_SLOT - 1, int(WAITING_MS / max(step_ms, 0.01)))
 
-    def _pick(self, function: str, queue: str) -> Session | None:
+    def _pick(self, function: str, queue: str, topping: set[Session]) -> Session | None:
+        """The runner to take a run of ``function`` next, or None.
+
+        A runner with a free slot takes one at once. One whose slots are all busy is topped up
+        only once a quarter of the runs it may hold have finished, and then to the full: so
+        runs waiting on a runner are sent several to a message, not one per result that arrives.
+        ``topping``: the runners being topped up in this pass (updated)."""
         best: Session | None = None
         hold = self._hold(function)
         for runner_id in self._serving.get(function, ()):
             session = self.sessions[runner_id]
             if session.functions[function].queue != queue or not session.can_take(function, hold):
                 continue
+            if session.room <= 0 and session not in topping:
+                if 4 * len(session.in_flight) > 3 * session.slots * hold:
+                    continue  # enough waiting there for now
             if best is None or session.room > best.room:
                 best = session
+        if best is not None:
+            topping.add(best)
         return best
 
     def _assign(self) -> list[tuple[Session, _Run]]:
         assignments: list[tuple[Session, _Run]] = []
         expires = time.monotonic() + self.timings.lease
+        topping: set[Session] = set()
         for (queue, function), ready in self._ready.items():
             while ready:
-                session = self._pick(function, queue)
+                session = self._pick(function, queue, topping)
                 if session is None:
                     break
                 run = self.runs.get(ready.popleft())
@@ -537,21 +563,19 @@ class Scheduler:
     def _send_dispatches(
         self, assignments: list[tuple[Session, _Run]], now: float, *, log_running: bool = True
     ) -> None:
-        """Send the dispatches of runs marked running in the store."""
-        lease_ms = int(self.timings.lease * 1000)
+        """Send the dispatches of runs marked running in the store: one message per runner."""
+        orders: dict[Session, list[Assignment]] = {}
         for session, run in assignments:
             # The lease may be gone already (cancelled while we were writing): skip it.
             if self.leases.holds(RunRef(run_id=run.id, attempt=run.attempt), session.runner_id):
-                timeout = session.functions[run.function].timeout
-                session.send(
-                    Dispatch(
+                orders.setdefault(session, []).append(
+                    Assignment(
                         run_id=run.id,
                         attempt=run.attempt,
                         function=run.function,
                         args=run.args,
                         kwargs=run.kwargs,
-                        lease_ms=lease_ms,
-                        timeout=timeout,
+                        timeout=session.functions[run.function].timeout,
                     )
                 )
                 metrics = self.metrics.function(run.function)
@@ -559,6 +583,9 @@ class Scheduler:
                 metrics.queue_wait.observe(max(0.0, now - run.not_before))
                 if log_running:
                     _log_run(run, "running", runner=session.runner_id)
+        lease_ms = int(self.timings.lease * 1000)
+        for session, runs in orders.items():
+            session.send_batch(lambda batch: Dispatch(runs=batch, lease_ms=lease_ms), runs)
 
     async def _clock_loop(self) -> None:
         tick = min(0.05, self.timings.heartbeat_interval / 2)
@@ -722,7 +749,13 @@ class Scheduler:
     def on_message(self, session: Session, message: Message) -> None:
         """Handle one message from a runner; never blocks (store work runs as a task)."""
         if isinstance(message, Result):
-            self._spawn(self._on_result(session, message))
+            # Outcomes that arrive in one turn of the event loop (in one frame or in several
+            # read together) are recorded together, by one task that starts on the next turn.
+            reported = self._reported.get(session)
+            if reported is None:
+                self._reported[session] = reported = []
+                self._spawn(self._on_results(session))
+            reported.extend(message.outcomes)
         elif isinstance(message, Extend):
             extended, lost = self.leases.extend(
                 message.runs, session.runner_id, time.monotonic() + self.timings.lease
@@ -768,25 +801,50 @@ class Scheduler:
             return False
         return ref.attempt == run.attempt or ref.attempt == run.unrecorded
 
-    async def _on_result(self, session: Session, result: Result) -> None:
-        ref = RunRef(run_id=result.run_id, attempt=result.attempt)
-        run = self.runs.get(result.run_id)
-        if run is None or not self._is_current(run, ref):
-            # Fencing: a newer attempt started, the run was cancelled, or this outcome is
-            # stored already. Acknowledge so the runner forgets it; record nothing.
-            log.info(
-                "ignoring result of run %s attempt %d from %s: not the current attempt",
-                result.run_id,
-                result.attempt,
-                session.runner_id,
-            )
-            self.metrics.fenced.inc()
-            session.send(ResultAck(run_id=result.run_id, attempt=result.attempt))
-            return
-        settled, run.settled = run.settled, ref.attempt
+    async def _on_results(self, session: Session) -> None:
+        """Record the outcomes ``session`` reported since this task was started, and
+        acknowledge them together: the successes in one store operation, each failure or retry
+        in its own."""
+        outcomes = self._reported.pop(session)
+        acked: list[RunRef] = []
+        succeeded: list[tuple[_Run, Outcome, int, str]] = []  # run, outcome, settled, holder
+        failed: list[tuple[_Run, Outcome, int]] = []
+        now = time.time()
+        for outcome in outcomes:
+            ref = RunRef(run_id=outcome.run_id, attempt=outcome.attempt)
+            run = self.runs.get(outcome.run_id)
+            if run is None or not self._is_current(run, ref):
+                # Fencing: a newer attempt started, the run was cancelled, or this outcome is
+                # stored already. Acknowledge so the runner forgets it; record nothing.
+                log.info(
+                    "ignoring result of run %s attempt %d from %s: not the current attempt",
+                    outcome.run_id, outcome.attempt, session.runner_id,
+                )  # fmt: skip
+                self.metrics.fenced.inc()
+                acked.append(ref)
+                continue
+            settled, run.settled = run.settled, ref.attempt
+            holder = self._settle(session, run, outcome, now)
+            if outcome.ok:
+                succeeded.append((run, outcome, settled, holder))
+            else:
+                failed.append((run, outcome, settled))
+        if succeeded:
+            acked += await self._record_successes(session, succeeded, now)
+        for run, outcome, settled in failed:
+            ref = RunRef(run_id=outcome.run_id, attempt=outcome.attempt)
+            if await self._record_failure(session, run, outcome, settled, now):
+                acked.append(ref)
+        if acked:
+            session.send_batch(lambda batch: ResultAck(runs=batch), acked)
+        self.wake()
+
+    def _settle(self, session: Session, run: _Run, outcome: Outcome, now: float) -> str:
+        """The bookkeeping of an outcome that will be recorded: its step time, its lease and
+        slot, its attempt. Returns the runner that held the attempt."""
         previous = self._step_ms.get(run.function)
         self._step_ms[run.function] = (
-            result.duration_ms if previous is None else previous * 0.9 + result.duration_ms * 0.1
+            outcome.duration_ms if previous is None else previous * 0.9 + outcome.duration_ms * 0.1
         )
         lease = self.leases.release(run.id)
         if lease is not None:
@@ -796,75 +854,90 @@ class Scheduler:
         else:  # a lost attempt's late result: take the run back out of the queue
             self._held.pop(run.id, None)
             self._unqueue(run)
-        now = time.time()
-        if ref.attempt > run.attempt:
+        if outcome.attempt > run.attempt:
             # The attempt a previous hub dispatched without recording it: record it now (the
-            # store fences outcomes on the attempt), before the outcome below.
-            run.attempt = ref.attempt
+            # store fences outcomes on the attempt), before the outcome itself.
+            run.attempt = outcome.attempt
             if run.started_at is None:
                 run.started_at = now
             self.storage.submit(
-                self.store.mark_running, run.id, ref.attempt, session.runner_id, now
+                self.store.mark_running, run.id, outcome.attempt, session.runner_id, now
             ).add_done_callback(_log_store_failure)
-        if result.ok:
-            # Someone waits for it: the run as it now is goes to them. When nothing but this
-            # outcome is in its record, it is built here and they have it at once, while it is
-            # written; otherwise it is read back in the commit. The runner is acknowledged only
-            # after the commit and holds the result until then, so what a waiter was told
-            # stands: a restarted hub gets it again, and so does this one if the commit fails
-            # (_ask_again).
-            waited = run.id in self._waiters
-            told = None
-            if waited and run.failures == 0 and run.losses == 0:
-                runner_id = lease.holder if lease is not None else session.runner_id
-                told = run.finished_record(ref.attempt, result.value, now, runner_id)
-                self._finished(run.id, told)
-            try:
-                record = await self.storage.call(
-                    _finish, self.store, run.id, ref.attempt, "succeeded", result.value, None,
-                    now, waited and told is None,
-                )  # fmt: skip
-            except StoreError as exc:
+        return lease.holder if lease is not None else session.runner_id
+
+    async def _record_successes(
+        self, session: Session, succeeded: list[tuple[_Run, Outcome, int, str]], now: float
+    ) -> list[RunRef]:
+        """Store successes in one operation; the refs to acknowledge.
+
+        Whoever waits for a run gets it as it now is. When nothing but this outcome is in its
+        record, it is built here and they have it at once, while it is written; otherwise it is
+        read back in the commit. The runner is acknowledged only after the commit and holds the
+        result until then, so what a waiter was told stands: a restarted hub gets it again, and
+        so does this one if the commit fails (:meth:`_ask_again`)."""
+        told: dict[str, RunRecord] = {}
+        read: list[str] = []
+        for run, outcome, _, holder in succeeded:
+            if run.id in self._waiters:
+                if run.failures == 0 and run.losses == 0:
+                    told[run.id] = run.finished_record(outcome.attempt, outcome.value, now, holder)
+                    self._finished(run.id, told[run.id])
+                else:
+                    read.append(run.id)
+        rows = [(run.id, outcome.attempt, outcome.value, now) for run, outcome, _, _ in succeeded]
+        try:
+            records = await self.storage.call(_succeed_many, self.store, rows, read)
+        except StoreError as exc:
+            for run, outcome, settled, _ in succeeded:
+                ref = RunRef(run_id=outcome.run_id, attempt=outcome.attempt)
                 self._ask_again(session, run, ref, settled, exc)
-                return
-            record = told or record
+            return []
+        acked = []
+        for run, outcome, _, _ in succeeded:
             self.runs.pop(run.id, None)
             metrics = self.metrics.function(run.function)
             metrics.succeeded.inc()
-            metrics.duration.observe(result.duration_ms / 1000)
-            _log_run(run, "succeeded", duration_ms=result.duration_ms)
-            self._finished(run.id, record)
-        else:
-            assert result.error is not None
-            error = {
-                "type": result.error.type,
-                "message": result.error.message,
-                "traceback": result.error.traceback,
-            }
-            info = session.functions.get(run.function) or self.functions.get(run.function)
-            retries, backoff = _retry_policy(info)
-            failures, not_before = run.failures, run.not_before
-            try:
-                if result.error.retryable and run.failures < retries:
-                    run.failures += 1
-                    delay = backoff * 2 ** (run.failures - 1) * random.uniform(0.5, 1.5)
-                    run.not_before = now + delay
-                    await self.storage.call(
-                        self.store.requeue, run.id, ref.attempt, not_before=run.not_before,
-                        error=error,
-                    )  # fmt: skip
-                    self.metrics.function(run.function).retried.inc()
-                    _log_run(run, "queued", error=error["type"],
-                             retry=f"{run.failures}/{retries}", delay_s=delay)  # fmt: skip
-                    self._enqueue(run)
-                else:
-                    await self._fail(run, ref.attempt, error)
-            except StoreError as exc:
-                run.failures, run.not_before = failures, not_before
-                self._ask_again(session, run, ref, settled, exc)
-                return
-        session.send(ResultAck(run_id=result.run_id, attempt=result.attempt))
-        self.wake()
+            metrics.duration.observe(outcome.duration_ms / 1000)
+            _log_run(run, "succeeded", duration_ms=outcome.duration_ms)
+            self._finished(run.id, told.get(run.id) or records.get(run.id))
+            acked.append(RunRef(run_id=outcome.run_id, attempt=outcome.attempt))
+        return acked
+
+    async def _record_failure(
+        self, session: Session, run: _Run, outcome: Outcome, settled: int, now: float
+    ) -> bool:
+        """Store a failed attempt: a retry, or the run's failure. False if the store refused
+        (the runner is asked for it again)."""
+        assert outcome.error is not None
+        error = {
+            "type": outcome.error.type,
+            "message": outcome.error.message,
+            "traceback": outcome.error.traceback,
+        }
+        info = session.functions.get(run.function) or self.functions.get(run.function)
+        retries, backoff = _retry_policy(info)
+        failures, not_before = run.failures, run.not_before
+        try:
+            if outcome.error.retryable and run.failures < retries:
+                run.failures += 1
+                delay = backoff * 2 ** (run.failures - 1) * random.uniform(0.5, 1.5)
+                run.not_before = now + delay
+                await self.storage.call(
+                    self.store.requeue, run.id, outcome.attempt, not_before=run.not_before,
+                    error=error,
+                )  # fmt: skip
+                self.metrics.function(run.function).retried.inc()
+                _log_run(run, "queued", error=error["type"],
+                         retry=f"{run.failures}/{retries}", delay_s=delay)  # fmt: skip
+                self._enqueue(run)
+            else:
+                await self._fail(run, outcome.attempt, error)
+        except StoreError as exc:
+            run.failures, run.not_before = failures, not_before
+            ref = RunRef(run_id=outcome.run_id, attempt=outcome.attempt)
+            self._ask_again(session, run, ref, settled, exc)
+            return False
+        return True
 
     def _ask_again(
         self, session: Session, run: _Run, ref: RunRef, settled: int, exc: Exception
@@ -961,6 +1034,14 @@ def _insert_runs(
     stored = store.insert_runs(new)
     _mark_running_many(store, marks)
     return stored
+
+
+def _succeed_many(
+    store: Store, rows: list[tuple[str, int, Any, float]], read: list[str]
+) -> dict[str, RunRecord | None]:
+    """Record successes; the runs in ``read`` as they now are (someone is waiting for them)."""
+    store.succeed_many(rows)
+    return {run_id: store.get(run_id) for run_id in read}
 
 
 def _finish(

@@ -1,4 +1,4 @@
-"""Tether's wire protocol, version 1, without I/O.
+"""Tether's wire protocol, version 2, without I/O.
 
 Messages (:mod:`.messages`), their JSON codec with size limits (:mod:`.codec`), the state
 machines of each end of a runner's connection (:mod:`.connection`) and lease bookkeeping
@@ -8,7 +8,7 @@ and messages go in, messages and frames to send come out.
 
 from __future__ import annotations
 
-from .codec import DEFAULT_MAX_MESSAGE_BYTES, CloseCode, decode, encode
+from .codec import DEFAULT_MAX_MESSAGE_BYTES, CloseCode, decode, encode, encode_split
 from .connection import HeartbeatStats, HubConnection, ProtocolFailure, RunnerConnection, State
 from .leases import Lease, LeaseTable, ResultOutbox
 from .messages import *  # noqa: F403
@@ -27,5 +27,6 @@ __all__ = [
     "State",
     "decode",
     "encode",
+    "encode_split",
     *_message_names,
 ]

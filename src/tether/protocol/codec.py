@@ -20,18 +20,18 @@ import re
 import reprlib
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..exceptions import ProtocolError
-from .messages import MESSAGE_TYPES, ErrorInfo, FunctionInfo, Message, RunRef
+from .messages import MESSAGE_TYPES, Assignment, ErrorInfo, FunctionInfo, Message, Outcome, RunRef
 
 try:  # optional: about 6x faster parsing; it does not load in a subinterpreter, and need not
     import orjson as _orjson
 except ImportError:  # pragma: no cover - orjson is a dependency of the hub and runner
     _orjson = None  # type: ignore[assignment]
 
-__all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "CloseCode", "decode", "encode", "loads"]
+__all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "CloseCode", "decode", "encode", "encode_split", "loads"]
 
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
@@ -55,7 +55,7 @@ class CloseCode(enum.IntEnum):
     SLOW_CONSUMER = 4005  # our outgoing queue to the peer overflowed
 
 
-_RECORDS = (RunRef, FunctionInfo, ErrorInfo)
+_RECORDS = (RunRef, FunctionInfo, ErrorInfo, Assignment, Outcome)
 
 
 def _record(value: Any) -> Any:
@@ -89,6 +89,19 @@ def encode(message: Message) -> bytes:
         return _ENCODER.encode(body).encode()
     except RecursionError:
         raise ValueError("payload is nested too deeply to encode") from None
+
+
+def encode_split[T](
+    make: Callable[[tuple[T, ...]], Message], items: Sequence[T], max_bytes: int
+) -> list[bytes]:
+    """The frames of ``make(items)``: one, unless it would exceed ``max_bytes``; then the items
+    are split in halves until each frame fits (an item too big on its own goes alone, and the
+    peer's limit decides). ValueError/TypeError as :func:`encode`."""
+    frame = encode(make(tuple(items)))
+    if len(frame) <= max_bytes or len(items) < 2:
+        return [frame]
+    half = len(items) // 2
+    return encode_split(make, items[:half], max_bytes) + encode_split(make, items[half:], max_bytes)
 
 
 def _constant(name: str) -> Any:
@@ -228,6 +241,11 @@ def _compile(tp: Any) -> Check:
         def sequence(value: Any, where: str, name: str) -> Any:
             if not isinstance(value, list):
                 raise _fail(where + name, "a list", value)
+            try:  # a dispatch or result may carry hundreds of runs: no string per item
+                return tuple([check_item(v, "", "") for v in value])
+            except ProtocolError:
+                pass
+            # Check again, naming where each item sits: this raises the error, with its path.
             at = where + name
             return tuple(check_item(v, at, f"[{i}]") for i, v in enumerate(value))
 

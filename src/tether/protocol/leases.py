@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .messages import Result, RunRef
+from .messages import Outcome, RunRef
 
 __all__ = ["Lease", "LeaseTable", "ResultOutbox"]
 
@@ -84,19 +84,19 @@ class LeaseTable:
 
 
 class ResultOutbox:
-    """Results not yet acknowledged by the hub, oldest first."""
+    """Outcomes not yet acknowledged by the hub, oldest first."""
 
     def __init__(self) -> None:
-        self._pending: dict[RunRef, Result] = {}
+        self._pending: dict[RunRef, Outcome] = {}
 
     def __len__(self) -> int:
         return len(self._pending)
 
-    def add(self, result: Result) -> None:
-        self._pending[RunRef(run_id=result.run_id, attempt=result.attempt)] = result
+    def add(self, outcome: Outcome) -> None:
+        self._pending[RunRef(run_id=outcome.run_id, attempt=outcome.attempt)] = outcome
 
     def acknowledge(self, ref: RunRef) -> bool:
         return self._pending.pop(ref, None) is not None
 
-    def pending(self) -> list[Result]:
+    def pending(self) -> list[Outcome]:
         return list(self._pending.values())

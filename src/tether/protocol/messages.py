@@ -1,8 +1,12 @@
-"""The messages of wire protocol version 1, as typed values.
+"""The messages of wire protocol version 2, as typed values.
 
 One message per WebSocket frame, a JSON object whose ``type`` names the message. Each class here
 is one row of DESIGN.md's table; :mod:`.codec` turns them into bytes and back, validating every
 field against the annotations below.
+
+Version 2 differs from version 1 in one way: the messages of a run's way through a runner
+(``dispatch``, ``ack``, ``result``, ``result_ack``) each carry a list of runs, so that what one
+side has ready at once crosses as one frame, not one frame per run.
 
 This module never does I/O and imports no I/O library.
 """
@@ -16,6 +20,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "SUBPROTOCOL",
     "Ack",
+    "Assignment",
     "Cancel",
     "Closing",
     "Dispatch",
@@ -29,6 +34,7 @@ __all__ = [
     "Hello",
     "LeaseLost",
     "Message",
+    "Outcome",
     "RejectDispatch",
     "Result",
     "ResultAck",
@@ -39,8 +45,8 @@ __all__ = [
     "MESSAGE_TYPES",
 ]
 
-PROTOCOL_VERSION = 1
-SUBPROTOCOL = "tether.v1"
+PROTOCOL_VERSION = 2
+SUBPROTOCOL = "tether.v2"
 
 
 
@@ -76,6 +82,30 @@ class ErrorInfo:
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Assignment:
+    """One attempt of one run for a runner to execute: what a ``dispatch`` carries."""
+
+    run_id: str
+    attempt: int
+    function: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+    timeout: float | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Outcome:
+    """How one attempt of one run ended: what a ``result`` carries."""
+
+    run_id: str
+    attempt: int
+    ok: bool
+    value: Any = None
+    error: ErrorInfo | None = None
+    duration_ms: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Message:
     type: ClassVar[str]
 
@@ -108,8 +138,7 @@ class Heartbeat(Message):
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Ack(Message):
     type: ClassVar[str] = "ack"
-    run_id: str
-    attempt: int
+    runs: tuple[RunRef, ...]
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -129,12 +158,7 @@ class Extend(Message):
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Result(Message):
     type: ClassVar[str] = "result"
-    run_id: str
-    attempt: int
-    ok: bool
-    value: Any = None
-    error: ErrorInfo | None = None
-    duration_ms: float = 0.0
+    outcomes: tuple[Outcome, ...]
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -165,13 +189,8 @@ class HeartbeatAck(Message):
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Dispatch(Message):
     type: ClassVar[str] = "dispatch"
-    run_id: str
-    attempt: int
-    function: str
-    args: list[Any]
-    kwargs: dict[str, Any]
+    runs: tuple[Assignment, ...]
     lease_ms: int
-    timeout: float | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -192,8 +211,7 @@ class LeaseLost(Message):
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class ResultAck(Message):
     type: ClassVar[str] = "result_ack"
-    run_id: str
-    attempt: int
+    runs: tuple[RunRef, ...]
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)

@@ -45,6 +45,7 @@ from ..exceptions import ProtocolError
 from ..protocol import (
     SUBPROTOCOL,
     Ack,
+    Assignment,
     Cancel,
     Closing,
     Dispatch,
@@ -56,6 +57,7 @@ from ..protocol import (
     HeartbeatAck,
     Hello,
     LeaseLost,
+    Outcome,
     ProtocolFailure,
     RejectDispatch,
     Result,
@@ -65,6 +67,7 @@ from ..protocol import (
     RunRef,
     Welcome,
     encode,
+    encode_split,
 )
 from ..protocol.codec import loads
 from .isolation import Backend
@@ -104,8 +107,8 @@ class _Socket(asyncio.Protocol):
 
     Whole messages go to ``on_message`` from inside ``data_received``; until it is set (the
     handshake) they wait for :meth:`first_message`. :meth:`send` writes at once, except while a
-    read is being handled: what that read produced (acks for dispatches that arrived together)
-    leaves in one write, after the steps it started are on their way.
+    read is being handled: what that read produced (the acks of its dispatches) leaves in one
+    write, after the steps it started are on their way.
     """
 
     def __init__(self, protocol: ClientProtocol) -> None:
@@ -216,9 +219,8 @@ class _Socket(asyncio.Protocol):
         if not self.open:
             return  # results are sent again after reconnecting; the rest does not matter
         self.protocol.send_binary(frame)
-        if not self._corked:
-            self._corked = True
-            self._loop.call_soon(self._uncork)
+        if not self._corked:  # else: it leaves with the rest of this read's answers
+            self._flush()
 
     def _uncork(self) -> None:
         self._corked = False
@@ -257,12 +259,12 @@ class _Socket(asyncio.Protocol):
 class _Step:
     """One run held by this runner: waiting for a slot, then executing."""
 
-    __slots__ = ("dispatch", "ref", "scope", "spec", "started")
+    __slots__ = ("order", "ref", "scope", "spec", "started")
 
-    def __init__(self, ref: RunRef, spec: FunctionSpec, dispatch: Dispatch) -> None:
+    def __init__(self, ref: RunRef, spec: FunctionSpec, order: Assignment) -> None:
         self.ref = ref
         self.spec = spec
-        self.dispatch = dispatch
+        self.order = order
         self.scope = anyio.CancelScope()
         self.started = time.monotonic()
 
@@ -293,6 +295,8 @@ class HubLink:
         self.drain_grace = drain_grace
         self.max_abandoned = max_abandoned
         self.outbox = ResultOutbox()
+        # Outcomes finished during this turn of the event loop, sent together at its end.
+        self._unsent: list[Outcome] = []
         self.steps: dict[str, _Step] = {}  # by run id
         self.running: dict[str, int] = {name: 0 for name in self.specs}  # held, by function
         # One worker task per slot takes held steps in the order they came, skipping those whose
@@ -365,7 +369,6 @@ class HubLink:
     def _hello(self) -> Hello:
         return Hello(
             runner_id=self.runner_id,
-            version=1,
             host=socket.gethostname(),
             pid=os.getpid(),
             slots=self.slots,
@@ -459,8 +462,9 @@ class HubLink:
         self._sock, self._conn = sock, conn
         self.connected.set()
         # Results kept from before the reconnect go first; the hub fences stale ones.
-        for result in self.outbox.pending():
-            sock.send(encode(result))
+        self._unsent.clear()  # they are in the outbox, and go now
+        for frame in _result_frames(conn, self.outbox.pending()):
+            sock.send(frame)
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._heartbeats, sock, conn, tg.cancel_scope)
             tg.start_soon(self._extensions, sock, event)
@@ -522,9 +526,12 @@ class HubLink:
 
     def _on_message(self, message: Any) -> None:
         if isinstance(message, Dispatch):
-            self._on_dispatch(message)
+            accepted = [ref for order in message.runs if (ref := self._on_dispatch(order))]
+            if accepted:
+                self._send_message(Ack(runs=tuple(accepted)))
         elif isinstance(message, ResultAck):
-            self.outbox.acknowledge(RunRef(run_id=message.run_id, attempt=message.attempt))
+            for ref in message.runs:
+                self.outbox.acknowledge(ref)
             self._acked.set()
         elif isinstance(message, Cancel | LeaseLost):
             step = self.steps.get(message.run_id)
@@ -537,15 +544,16 @@ class HubLink:
         elif isinstance(message, HeartbeatAck | Extended):
             pass  # the state machine measured the round trip; extensions need no bookkeeping
 
-    def _on_dispatch(self, dispatch: Dispatch) -> None:
-        ref = RunRef(run_id=dispatch.run_id, attempt=dispatch.attempt)
-        spec = self.specs.get(dispatch.function)
+    def _on_dispatch(self, order: Assignment) -> RunRef | None:
+        """Hold ``order`` for a slot (its ref, to acknowledge) or reject it (None)."""
+        ref = RunRef(run_id=order.run_id, attempt=order.attempt)
+        spec = self.specs.get(order.function)
         reason = None
         if self.draining:
             reason = "draining"
         elif spec is None:
             reason = "unknown_function"
-        elif dispatch.run_id in self.steps or len(self.steps) >= self.slots * MAX_HOLD_PER_SLOT:
+        elif order.run_id in self.steps or len(self.steps) >= self.slots * MAX_HOLD_PER_SLOT:
             reason = "no_slot"
         elif (
             spec.concurrency is not None
@@ -556,17 +564,17 @@ class HubLink:
             self._send_message(
                 RejectDispatch(run_id=ref.run_id, attempt=ref.attempt, reason=reason or "")
             )
-            return
-        step = _Step(ref, spec, dispatch)
+            return None
+        step = _Step(ref, spec, order)
         self.steps[ref.run_id] = step
         self.running[spec.name] += 1
-        self._send_message(Ack(run_id=ref.run_id, attempt=ref.attempt))
         self._ready.append(step)
         while self._resting:  # wake one resting worker: it takes this step or the next
             resting = self._resting.pop()
             if not resting.done():
                 resting.set_result(None)
                 break
+        return ref
 
     # -- executing steps ----------------------------------------------------------------------
 
@@ -619,9 +627,9 @@ class HubLink:
         self._send(encode(message))
 
     async def _execute(self, step: _Step) -> None:
-        spec, dispatch = step.spec, step.dispatch
+        spec, order = step.spec, step.order
         backend = self.backends[spec.isolation]
-        request = encode_request(spec.module, spec.qualname, dispatch.args, dispatch.kwargs)
+        request = encode_request(spec.module, spec.qualname, order.args, order.kwargs)
         outcome: bytes | None = None
         step.started = time.monotonic()
         try:
@@ -631,9 +639,7 @@ class HubLink:
             self._forget(step)
         if outcome is None:
             return  # cancelled by the hub (cancel, lease lost): nobody wants a result
-        result = _result(step, outcome)
-        self.outbox.add(result)
-        self._send(encode(result))
+        self._report(_outcome(step, outcome))
         if backend.abandoned >= self.max_abandoned and not self.draining:
             log.warning(
                 "%d subinterpreter units are stuck in timed-out steps: draining to restart",
@@ -642,6 +648,25 @@ class HubLink:
             self.exit_code = EXIT_RESTART
             assert self._steps_tg is not None
             self._steps_tg.start_soon(self.drain, "too many abandoned units")
+
+
+    def _report(self, outcome: Outcome) -> None:
+        """Keep ``outcome`` until acknowledged; send it with the others of this loop turn."""
+        self.outbox.add(outcome)
+        if not self._unsent:
+            asyncio.get_running_loop().call_soon(self._send_results)
+        self._unsent.append(outcome)
+
+    def _send_results(self) -> None:
+        unsent, self._unsent = self._unsent, []
+        if unsent and self._conn is not None:  # else: sent from the outbox on reconnect
+            for frame in _result_frames(self._conn, unsent):
+                self._send(frame)
+
+
+def _result_frames(conn: RunnerConnection, outcomes: list[Outcome]) -> list[bytes]:
+    """``result`` frames for ``outcomes``, each within the hub's message size limit."""
+    return encode_split(lambda batch: Result(outcomes=batch), outcomes, conn.max_message_bytes)
 
 
 def loads_outcome(outcome: bytes) -> Any:
@@ -653,7 +678,7 @@ def loads_outcome(outcome: bytes) -> Any:
         return json.loads(outcome)
 
 
-def _result(step: _Step, outcome: bytes) -> Result:
+def _outcome(step: _Step, outcome: bytes) -> Outcome:
     duration_ms = (time.monotonic() - step.started) * 1000
     data = loads_outcome(outcome)
     ref = step.ref
@@ -670,17 +695,17 @@ def _result(step: _Step, outcome: bytes) -> Result:
                 message=f"the result of {step.spec.name} cannot be sent as JSON: {exc}",
                 retryable=False,
             )
-            return Result(run_id=ref.run_id, attempt=ref.attempt, ok=False, error=error,
-                          duration_ms=duration_ms)  # fmt: skip
-        return Result(run_id=ref.run_id, attempt=ref.attempt, ok=True, value=data["value"],
-                      duration_ms=duration_ms)  # fmt: skip
+            return Outcome(run_id=ref.run_id, attempt=ref.attempt, ok=False, error=error,
+                           duration_ms=duration_ms)  # fmt: skip
+        return Outcome(run_id=ref.run_id, attempt=ref.attempt, ok=True, value=data["value"],
+                       duration_ms=duration_ms)  # fmt: skip
     e = data["error"]
     error = ErrorInfo(
         type=e["type"], message=e["message"], traceback=e.get("traceback", ""),
         retryable=bool(e.get("retryable", True)),
     )  # fmt: skip
-    return Result(run_id=ref.run_id, attempt=ref.attempt, ok=False, error=error,
-                  duration_ms=duration_ms)  # fmt: skip
+    return Outcome(run_id=ref.run_id, attempt=ref.attempt, ok=False, error=error,
+                   duration_ms=duration_ms)  # fmt: skip
 
 
 _RECOVERABLE = (OSError, TimeoutError, InvalidHandshake, ConnectionClosed, ProtocolError)

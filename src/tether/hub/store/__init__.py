@@ -18,15 +18,18 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any, Final, Literal
 
-__all__ = ["FINISHED", "NewRun", "RunRecord", "RunState", "Store", "new_run_id", "open_store"]
+__all__ = ["FINISHED", "NewRun", "RunRecord", "RunState", "Store", "new_run_ids", "open_store"]
 
 RunState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 FINISHED: Final = frozenset({"succeeded", "failed", "cancelled"})
 
 
-def new_run_id() -> str:
-    """A 32-hex-digit id that sorts by creation time (48-bit ms clock + 80 random bits)."""
-    return f"{int(time.time() * 1000):012x}{secrets.token_hex(10)}"
+def new_run_ids(n: int) -> list[str]:
+    """``n`` new run ids: 32 hex digits that sort by creation time (a 48-bit clock in ms, then
+    80 random bits, all ``n`` drawn in one read of the system's random source)."""
+    clock = f"{int(time.time() * 1000):012x}"
+    random = secrets.token_hex(10 * n)
+    return [clock + random[i : i + 20] for i in range(0, 20 * n, 20)]
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -139,6 +142,12 @@ class Store(ABC):
         """Record the outcome of ``attempt``; False (nothing written) if the run is finished or
         has moved on to a newer attempt. (The scheduler fences in memory first: it also knows
         whether ``attempt``'s outcome was already recorded.)"""
+
+    def succeed_many(self, outcomes: Sequence[tuple[str, int, Any, float]]) -> None:
+        """:meth:`finish` as succeeded for each ``(run_id, attempt, result, now)``, fenced
+        alike; a store may do them in one statement."""
+        for run_id, attempt, result, now in outcomes:
+            self.finish(run_id, attempt, "succeeded", result=result, now=now)
 
     @abstractmethod
     def requeue(

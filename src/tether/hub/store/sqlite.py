@@ -76,6 +76,11 @@ _INSERT = (
     " idempotency_key) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?)"
 )
 # A run's attempt starts (again): only a queued or running run, never a finished one.
+# An outcome without an error (a success, or a failure the hub records without one).
+_FINISH = (
+    "UPDATE runs SET state = ?, finished_at = ?, result = ?, error = NULL"
+    " WHERE id = ? AND attempt = ? AND state IN ('running', 'queued')"
+)
 _MARK_RUNNING = (
     "UPDATE runs SET state = 'running', attempt = ?, runner_id = ?,"
     " started_at = COALESCE(started_at, ?) WHERE id = ? AND state IN ('queued', 'running')"
@@ -276,20 +281,25 @@ class SQLiteStore(Store):
         error: dict[str, Any] | None = None,
         now: float,
     ) -> bool:
-        errors_update = ""
-        params: list[Any] = [state, now, _dumps(result) if state == "succeeded" else None]
-        if error is not None:
-            errors_update = ", errors = json_insert(errors, '$[#]', json(?))"
-            params += [_dumps(error), _dumps({"attempt": attempt, **error})]
+        if error is None:
+            result_text = _dumps(result) if state == "succeeded" else None
+            cursor = self.db.execute(_FINISH, (state, now, result_text, run_id, attempt))
         else:
-            params.append(None)
-        params += [run_id, attempt]
-        cursor = self.db.execute(
-            f"UPDATE runs SET state = ?, finished_at = ?, result = ?, error = ?{errors_update}"
-            " WHERE id = ? AND attempt = ? AND state IN ('running', 'queued')",
-            params,
-        )
+            cursor = self.db.execute(
+                "UPDATE runs SET state = ?, finished_at = ?, result = NULL, error = ?,"
+                " errors = json_insert(errors, '$[#]', json(?))"
+                " WHERE id = ? AND attempt = ? AND state IN ('running', 'queued')",
+                (state, now, _dumps(error), _dumps({"attempt": attempt, **error}), run_id,
+                 attempt),
+            )  # fmt: skip
         return cursor.rowcount == 1
+
+    def succeed_many(self, outcomes: Sequence[tuple[str, int, Any, float]]) -> None:
+        self.db.executemany(
+            _FINISH,
+            [("succeeded", now, _dumps(result), run_id, attempt)
+             for run_id, attempt, result, now in outcomes],
+        )  # fmt: skip
 
     def requeue(
         self, run_id: str, attempt: int, *, not_before: float, error: dict[str, Any] | None
