@@ -47,6 +47,11 @@ _LONG_POLL = 30.0  # seconds per wait request; longer waits are several requests
 # submit whose answer is lost (a proxy that cuts idle connections) leaves the caller without
 # the run's id, and a retry would run it twice.
 _CALL_WAIT = 5.0
+# AsyncClient: submit requests in flight at once. A submit made while this many are out waits
+# for one of them to come back, and goes with every other submit that waited meanwhile in one
+# batch request: concurrent submits cost a request per round trip, not one each.
+_SUBMITS_IN_FLIGHT = 2
+_Waiting = tuple[dict[str, Any], asyncio.Future[str]]  # a submit's body, and its caller's future
 
 
 def _check_json(function: str, args: Sequence[Any], kwargs: dict[str, Any]) -> None:
@@ -700,6 +705,9 @@ class AsyncClient(BaseClient):
             base_url=self.hub, headers=self._headers(), timeout=self.timeout, verify=self.verify,
             transport=self._direct,
         )
+        self._submitting = 0  # submit requests in flight
+        self._waiting: list[_Waiting] = []  # submits to send once one in flight comes back
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def __aenter__(self) -> Self:
         return self
@@ -743,8 +751,70 @@ class AsyncClient(BaseClient):
         body = self._run_body(
             function, args, kwargs, queue=queue, delay=delay, idempotency_key=idempotency_key
         )
-        answer = await self._request("POST", "/v1/runs", json=body)
-        return AsyncRunHandle(self, answer["id"])
+        if not _on_asyncio():
+            answer = await self._request("POST", "/v1/runs", json=body)
+            return AsyncRunHandle(self, answer["id"])
+        if self._submitting < _SUBMITS_IN_FLIGHT:
+            self._submitting += 1
+            try:
+                answer = await self._request("POST", "/v1/runs", json=body)
+            finally:
+                self._submitted()
+            return AsyncRunHandle(self, answer["id"])
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._waiting.append((body, future))
+        return AsyncRunHandle(self, await future)
+
+    def _submitted(self) -> None:
+        """A submit request came back: send the submits that waited for it, in one request."""
+        self._submitting -= 1
+        waiting = [(body, future) for body, future in self._waiting if not future.done()]
+        self._waiting = []
+        if waiting:
+            self._submitting += 1
+            task = asyncio.get_running_loop().create_task(self._submit_together(waiting))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _submit_together(self, runs: list[_Waiting]) -> None:
+        try:
+            if len(runs) == 1:
+                await self._submit_alone(*runs[0])
+                return
+            try:
+                answer = await self._request(
+                    "POST", "/v1/runs/batch", json={"runs": [body for body, _ in runs]}
+                )
+            except HubError as exc:
+                if exc.status >= 500:
+                    _fail_all(runs, exc)
+                    return
+                # One of them was refused (an unknown function, a bad delay, too big...): send
+                # each on its own, so that each caller gets its own answer.
+                await asyncio.gather(*(self._submit_alone(body, future) for body, future in runs))
+                return
+            except Exception as exc:  # the hub is unreachable, for instance
+                _fail_all(runs, exc)
+                return
+            except BaseException as exc:
+                _fail_all(runs, exc)
+                raise
+            for (_, future), run_id in zip(runs, answer["ids"], strict=True):
+                if not future.done():
+                    future.set_result(run_id)
+        finally:
+            self._submitted()
+
+    async def _submit_alone(self, body: dict[str, Any], future: asyncio.Future[str]) -> None:
+        try:
+            answer = await self._request("POST", "/v1/runs", json=body)
+        except BaseException as exc:
+            _fail_all([(body, future)], exc)
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            if not future.done():
+                future.set_result(answer["id"])
 
     async def call(self, function: str, /, *args: Any, **kwargs: Any) -> Any:
         """:meth:`Client.call`: ``(await submit(...)).get()`` in one request."""
@@ -786,6 +856,16 @@ class AsyncClient(BaseClient):
 
     async def status(self) -> dict[str, Any]:
         return await self._request("GET", "/v1/status")  # type: ignore[no-any-return]
+
+
+def _fail_all(runs: list[_Waiting], exc: BaseException) -> None:
+    """Tell the callers of ``runs`` that their submit failed with ``exc``."""
+    for _, future in runs:
+        if not future.done():
+            if isinstance(exc, asyncio.CancelledError):
+                future.cancel()
+            else:
+                future.set_exception(exc)
 
 
 class RunHandle:
