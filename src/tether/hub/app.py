@@ -15,6 +15,7 @@ the store does per run; the front skips them where it matters.
 from __future__ import annotations
 
 import asyncio
+import collections
 import hmac
 import logging
 import math
@@ -41,6 +42,7 @@ from ..protocol import (
     Welcome,
 )
 from ..protocol.codec import loads
+from ._cork import flush_answer
 from ._json import dumps
 from .metrics import CONTENT_TYPE
 from .scheduler import Scheduler, Session, SubmitRequest
@@ -394,41 +396,77 @@ async def _respond(send: Send, status: int, body: Any) -> None:
         }
     )
     await send({"type": "http.response.body", "body": data})
+    flush_answer()
 
 
 
 
 class _Link:
-    """The outgoing side of one runner's socket: a bounded queue and one writer task."""
+    """The outgoing side of one runner's socket. A frame is written in the call that sends it,
+    unless frames before it still wait for the socket to drain; those are written in order by
+    one task, and at most :data:`OUTBOX_FRAMES` may wait."""
 
     def __init__(self, send: Send) -> None:
         self._send = send  # the server's own ASGI send: no wrappers per frame
-        self.frames: asyncio.Queue[bytes | None] = asyncio.Queue(OUTBOX_FRAMES)
-        self.close_code: int = CloseCode.NORMAL
-        self.close_reason = ""
+        self._waiting: collections.deque[bytes] = collections.deque()
+        self._closing: tuple[int, str] | None = None
+        self._writer: asyncio.Task[None] | None = None  # while frames wait for the socket
+        self._broken = False  # the socket failed: nothing more can be written
 
     def send(self, frame: bytes) -> bool:
-        try:
-            self.frames.put_nowait(frame)
-        except asyncio.QueueFull:
+        if self._closing is not None or self._broken:
+            return True  # nobody reads it any more: not the runner's fault
+        if len(self._waiting) >= OUTBOX_FRAMES:
             return False
+        self._waiting.append(frame)
+        self._write()
         return True
 
     def close(self, code: int, reason: str) -> None:
-        self.close_code, self.close_reason = code, reason
-        while True:  # make room for the sentinel: nothing queued matters once we close
-            try:
-                self.frames.put_nowait(None)
-                return
-            except asyncio.QueueFull:
-                self.frames.get_nowait()
+        """Write what waits, then the close frame."""
+        if self._closing is None:
+            self._closing = (code, reason)
+            self._write()
 
-    async def write(self) -> None:
-        send = self._send
-        while (frame := await self.frames.get()) is not None:
-            await send({"type": "websocket.send", "bytes": frame})
-        await send({"type": "websocket.close", "code": self.close_code,
-                    "reason": self.close_reason[:120]})  # fmt: skip
+    def _write(self) -> None:
+        if self._writer is None:
+            # Eager: the task runs here and now, up to the first write that has to wait.
+            task = asyncio.Task(self._drain(), loop=asyncio.get_running_loop(), eager_start=True)
+            if not task.done():
+                self._writer = task
+
+    async def _drain(self) -> None:
+        send, waiting = self._send, self._waiting
+        try:
+            while waiting:
+                await send({"type": "websocket.send", "bytes": waiting.popleft()})
+            if self._closing is not None:
+                code, reason = self._closing
+                await send({"type": "websocket.close", "code": code, "reason": reason[:120]})
+        except (RuntimeError, WebSocketDisconnect, OSError):
+            self._broken = True  # the reading side sees the connection end
+            waiting.clear()
+        except Exception:
+            log.exception("writing to a runner failed")
+            self._broken = True
+            waiting.clear()
+        finally:
+            self._writer = None
+
+    def abandon(self) -> None:
+        """The runner is gone: write nothing more."""
+        self._broken = True
+        self._waiting.clear()
+        if self._writer is not None:
+            self._writer.cancel()
+
+    async def finish(self, timeout: float) -> None:
+        """Let what is being written (the close frame, say) go out within ``timeout`` s."""
+        if self._writer is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._writer), timeout)
+            except (TimeoutError, asyncio.CancelledError):
+                self.abandon()
 
 
 async def _receive(receive: Receive) -> bytes | str | None:
@@ -504,7 +542,6 @@ async def _serve_runner(
     )
     await websocket.send_bytes(conn.accept(welcome, time.monotonic()))
     scheduler.attach(session)
-    writer = asyncio.get_running_loop().create_task(link.write())
     try:
         while not session.closed:
             data = await _receive(receive)
@@ -533,8 +570,5 @@ async def _serve_runner(
         scheduler.detach(session)
         if not session.closed:
             session.closed = True
-            writer.cancel()
-        try:
-            await asyncio.wait_for(writer, timeout=1.0)
-        except (asyncio.CancelledError, TimeoutError, RuntimeError, WebSocketDisconnect, OSError):
-            pass
+            link.abandon()
+        await link.finish(timeout=1.0)

@@ -155,6 +155,20 @@ class _Run:
         )
 
 
+@dataclasses.dataclass(slots=True)
+class _Reported:
+    """Outcomes from one runner, settled in memory, waiting to be recorded."""
+
+    now: float  # when they arrived (wall clock): their runs' finished_at
+    fenced: list[RunRef] = dataclasses.field(default_factory=list)  # to acknowledge only
+    # run, outcome, the attempt settled before it (restored if the store refuses), and the
+    # record its waiters were told, if any
+    succeeded: list[tuple[_Run, Outcome, int, RunRecord | None]] = dataclasses.field(
+        default_factory=list
+    )
+    failed: list[tuple[_Run, Outcome, int]] = dataclasses.field(default_factory=list)
+
+
 class Session:
     """One connected runner, as the scheduler sees it."""
 
@@ -256,7 +270,7 @@ class Scheduler:
         self._loop: asyncio.AbstractEventLoop | None = None  # while serve() runs
         self._dispatch_due = False
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._reported: dict[Session, list[Outcome]] = {}  # outcomes not yet taken up
+        self._reported: dict[Session, _Reported] = {}  # settled, not yet recorded
         self.metrics = HubMetrics()
 
     # -- life cycle ---------------------------------------------------------------------------
@@ -749,13 +763,7 @@ class Scheduler:
     def on_message(self, session: Session, message: Message) -> None:
         """Handle one message from a runner; never blocks (store work runs as a task)."""
         if isinstance(message, Result):
-            # Outcomes that arrive in one turn of the event loop (in one frame or in several
-            # read together) are recorded together, by one task that starts on the next turn.
-            reported = self._reported.get(session)
-            if reported is None:
-                self._reported[session] = reported = []
-                self._spawn(self._on_results(session))
-            reported.extend(message.outcomes)
+            self._take_up(session, message.outcomes)
         elif isinstance(message, Extend):
             extended, lost = self.leases.extend(
                 message.runs, session.runner_id, time.monotonic() + self.timings.lease
@@ -801,15 +809,17 @@ class Scheduler:
             return False
         return ref.attempt == run.attempt or ref.attempt == run.unrecorded
 
-    async def _on_results(self, session: Session) -> None:
-        """Record the outcomes ``session`` reported since this task was started, and
-        acknowledge them together: the successes in one store operation, each failure or retry
-        in its own."""
-        outcomes = self._reported.pop(session)
-        acked: list[RunRef] = []
-        succeeded: list[tuple[_Run, Outcome, int, str]] = []  # run, outcome, settled, holder
-        failed: list[tuple[_Run, Outcome, int]] = []
-        now = time.time()
+    def _take_up(self, session: Session, outcomes: Sequence[Outcome]) -> None:
+        """Settle ``outcomes`` in memory at once (fencing, leases, slots; whoever waits for a
+        success hears of it now) and have them recorded. The outcomes that arrive in one turn
+        of the event loop, in one frame or in several read together, are recorded by one task
+        that starts on the next turn: the successes in one store operation, each failure or
+        retry in its own, and all of them acknowledged in one message."""
+        reported = self._reported.get(session)
+        if reported is None:
+            self._reported[session] = reported = _Reported(now=time.time())
+            self._spawn(self._record(session))
+        now = reported.now
         for outcome in outcomes:
             ref = RunRef(run_id=outcome.run_id, attempt=outcome.attempt)
             run = self.runs.get(outcome.run_id)
@@ -821,19 +831,34 @@ class Scheduler:
                     outcome.run_id, outcome.attempt, session.runner_id,
                 )  # fmt: skip
                 self.metrics.fenced.inc()
-                acked.append(ref)
+                reported.fenced.append(ref)
                 continue
             settled, run.settled = run.settled, ref.attempt
             holder = self._settle(session, run, outcome, now)
-            if outcome.ok:
-                succeeded.append((run, outcome, settled, holder))
-            else:
-                failed.append((run, outcome, settled))
-        if succeeded:
-            acked += await self._record_successes(session, succeeded, now)
-        for run, outcome, settled in failed:
+            if not outcome.ok:
+                reported.failed.append((run, outcome, settled))
+                continue
+            # Whoever waits for it gets the run as it now is. When nothing but this outcome is
+            # in its record, it is built here and they have it at once, before it is written;
+            # otherwise it is read back in the commit. The runner is acknowledged only after
+            # the commit and holds the result until then, so what a waiter was told stands: a
+            # restarted hub gets it again, and so does this one if the commit fails
+            # (_ask_again).
+            told = None
+            if run.id in self._waiters and run.failures == 0 and run.losses == 0:
+                told = run.finished_record(outcome.attempt, outcome.value, now, holder)
+                self._finished(run.id, told)
+            reported.succeeded.append((run, outcome, settled, told))
+
+    async def _record(self, session: Session) -> None:
+        """Record what :meth:`_take_up` settled for ``session`` and acknowledge it."""
+        reported = self._reported.pop(session)
+        acked = list(reported.fenced)
+        if reported.succeeded:
+            acked += await self._record_successes(session, reported.succeeded, reported.now)
+        for run, outcome, settled in reported.failed:
             ref = RunRef(run_id=outcome.run_id, attempt=outcome.attempt)
-            if await self._record_failure(session, run, outcome, settled, now):
+            if await self._record_failure(session, run, outcome, settled, reported.now):
                 acked.append(ref)
         if acked:
             session.send_batch(lambda batch: ResultAck(runs=batch), acked)
@@ -866,24 +891,14 @@ class Scheduler:
         return lease.holder if lease is not None else session.runner_id
 
     async def _record_successes(
-        self, session: Session, succeeded: list[tuple[_Run, Outcome, int, str]], now: float
+        self,
+        session: Session,
+        succeeded: list[tuple[_Run, Outcome, int, RunRecord | None]],
+        now: float,
     ) -> list[RunRef]:
-        """Store successes in one operation; the refs to acknowledge.
-
-        Whoever waits for a run gets it as it now is. When nothing but this outcome is in its
-        record, it is built here and they have it at once, while it is written; otherwise it is
-        read back in the commit. The runner is acknowledged only after the commit and holds the
-        result until then, so what a waiter was told stands: a restarted hub gets it again, and
-        so does this one if the commit fails (:meth:`_ask_again`)."""
-        told: dict[str, RunRecord] = {}
-        read: list[str] = []
-        for run, outcome, _, holder in succeeded:
-            if run.id in self._waiters:
-                if run.failures == 0 and run.losses == 0:
-                    told[run.id] = run.finished_record(outcome.attempt, outcome.value, now, holder)
-                    self._finished(run.id, told[run.id])
-                else:
-                    read.append(run.id)
+        """Store successes in one operation; the refs to acknowledge. (Who waited for them
+        may have been told already: see :meth:`_take_up`.)"""
+        read = [run.id for run, _, _, told in succeeded if told is None and run.id in self._waiters]
         rows = [(run.id, outcome.attempt, outcome.value, now) for run, outcome, _, _ in succeeded]
         try:
             records = await self.storage.call(_succeed_many, self.store, rows, read)
@@ -893,13 +908,13 @@ class Scheduler:
                 self._ask_again(session, run, ref, settled, exc)
             return []
         acked = []
-        for run, outcome, _, _ in succeeded:
+        for run, outcome, _, told in succeeded:
             self.runs.pop(run.id, None)
             metrics = self.metrics.function(run.function)
             metrics.succeeded.inc()
             metrics.duration.observe(outcome.duration_ms / 1000)
             _log_run(run, "succeeded", duration_ms=outcome.duration_ms)
-            self._finished(run.id, told.get(run.id) or records.get(run.id))
+            self._finished(run.id, told or records.get(run.id))
             acked.append(RunRef(run_id=outcome.run_id, attempt=outcome.attempt))
         return acked
 
