@@ -11,9 +11,7 @@ is measured is the hub's dispatching, not a step.
 
 It prints ``ready`` once every runner has its welcome, then, when it gets SIGTERM (or its stdin
 closes), one JSON line: heartbeats sent, their round trips (send to ``heartbeat_ack``) and how
-late each was sent against the hub's schedule, results sent, when the hub acknowledged them
-(``result_ack``: stored) and how many each time (``CLOCK_MONOTONIC``, the same in every
-process of the machine), connections lost.
+late each was sent against the hub's schedule, results sent, connections lost.
 """
 
 from __future__ import annotations
@@ -40,7 +38,6 @@ from tether.protocol import (
     Hello,
     Outcome,
     Result,
-    ResultAck,
     RunnerConnection,
     RunRef,
     Welcome,
@@ -55,7 +52,6 @@ class Stats:
         self.round_trips_ms: list[float] = []
         self.late_ms: list[float] = []
         self.results = 0
-        self.stored: list[tuple[float, int]] = []  # (monotonic time, results acknowledged)
         self.lost = 0
 
 
@@ -86,8 +82,6 @@ async def light_runner(
                                      for r in event.runs)  # fmt: skip
                     await ws.send(encode(Result(outcomes=outcomes)))
                     stats.results += len(outcomes)
-                elif isinstance(event, ResultAck):
-                    stats.stored.append((time.monotonic(), len(event.runs)))
         finally:
             beats.cancel()
 
@@ -136,7 +130,6 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "round_trips_ms": stats.round_trips_ms,
         "late_ms": stats.late_ms,
         "results": stats.results,
-        "stored": stats.stored,
         "lost": stats.lost,
     }
 
