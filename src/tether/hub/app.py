@@ -399,8 +399,6 @@ async def _respond(send: Send, status: int, body: Any) -> None:
     flush_answer()
 
 
-
-
 class _Link:
     """The outgoing side of one runner's socket. A frame is written in the call that sends it,
     unless frames before it still wait for the socket to drain; those are written in order by
@@ -463,9 +461,8 @@ class _Link:
     async def finish(self, timeout: float) -> None:
         """Let what is being written (the close frame, say) go out within ``timeout`` s."""
         if self._writer is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(self._writer), timeout)
-            except (TimeoutError, asyncio.CancelledError):
+            done, _ = await asyncio.wait({self._writer}, timeout=timeout)
+            if not done:
                 self.abandon()
 
 

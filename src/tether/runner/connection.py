@@ -526,7 +526,11 @@ class HubLink:
 
     def _on_message(self, message: Any) -> None:
         if isinstance(message, Dispatch):
-            accepted = [ref for order in message.runs if (ref := self._on_dispatch(order))]
+            accepted = []
+            for order in message.runs:
+                ref = self._on_dispatch(order)
+                if ref is not None:
+                    accepted.append(ref)
             if accepted:
                 self._send_message(Ack(runs=tuple(accepted)))
         elif isinstance(message, ResultAck):
@@ -648,7 +652,6 @@ class HubLink:
             self.exit_code = EXIT_RESTART
             assert self._steps_tg is not None
             self._steps_tg.start_soon(self.drain, "too many abandoned units")
-
 
     def _report(self, outcome: Outcome) -> None:
         """Keep ``outcome`` until acknowledged; send it with the others of this loop turn."""
