@@ -475,11 +475,15 @@ class HubLink:
 
     def _on_frame(self, sock: _Socket, conn: RunnerConnection, data: bytes) -> None:
         """One message from the hub, handled in the call that read it."""
-        if not sock.open:
-            return  # closing: what still arrives does not matter
         try:
             event = conn.receive(data, time.monotonic())
-            if isinstance(event, ProtocolFailure):
+            if not sock.open:
+                # Closing (a close frame may come in the same read as the messages before it):
+                # results the hub acknowledged are still forgotten rather than sent again;
+                # nothing else matters any more.
+                if isinstance(event, ResultAck):
+                    self._on_message(event)
+            elif isinstance(event, ProtocolFailure):
                 log.error("hub broke the protocol: %s", event.reason)
                 sock.close(event.code, event.reason[:120])
             elif isinstance(event, Closing):
@@ -668,7 +672,10 @@ class HubLink:
 
 
 def _result_frames(conn: RunnerConnection, outcomes: list[Outcome]) -> list[bytes]:
-    """``result`` frames for ``outcomes``, each within the hub's message size limit."""
+    """``result`` frames for ``outcomes`` (none for none), each within the hub's message size
+    limit."""
+    if not outcomes:
+        return []
     return encode_split(lambda batch: Result(outcomes=batch), outcomes, conn.max_message_bytes)
 
 

@@ -1,0 +1,141 @@
+"""A real ``tether worker`` against a scripted hub on a loopback WebSocket: what the runner
+answers to a dispatch of several runs, some of which it must refuse."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+import pytest
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.typing import Subprotocol
+
+from support import UNIT, Proc
+from tether.protocol import (
+    SUBPROTOCOL,
+    Ack,
+    Assignment,
+    Dispatch,
+    Heartbeat,
+    Hello,
+    HubConnection,
+    Message,
+    RejectDispatch,
+    Result,
+    ResultAck,
+    RunRef,
+    Welcome,
+)
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+
+class ScriptedHub:
+    """Accepts a runner (again after a reconnect), answers its heartbeats, and hands the test
+    everything else: its hellos and, in order, its other messages."""
+
+    def __init__(self) -> None:
+        self.hellos: list[Hello] = []
+        self.messages: list[Message] = []
+        self.arrived = anyio.Event()
+        self.ws: ServerConnection | None = None
+        self.conn = HubConnection(heartbeat_interval_ms=100, heartbeat_timeout_ms=5_000)
+
+    async def handler(self, ws: ServerConnection) -> None:
+        self.conn = HubConnection(heartbeat_interval_ms=100, heartbeat_timeout_ms=5_000)
+        hello = self.conn.receive(await ws.recv(), time.monotonic())
+        assert isinstance(hello, Hello), hello
+        welcome = Welcome(session_id="s", heartbeat_interval_ms=100, heartbeat_timeout_ms=5_000,
+                          lease_ms=30_000, extend_interval_ms=10_000,
+                          max_message_bytes=1 << 20)  # fmt: skip
+        await ws.send(self.conn.accept(welcome, time.monotonic()))
+        self.ws = ws
+        self.hellos.append(hello)
+        self.arrived.set()
+        try:
+            async for data in ws:
+                message = self.conn.receive(data, time.monotonic())
+                if isinstance(message, Heartbeat):
+                    await ws.send(self.conn.ack_heartbeat(message))
+                else:
+                    assert isinstance(message, Message), message
+                    self.messages.append(message)
+                    self.arrived.set()
+        except ConnectionClosed:
+            pass  # the runner was stopped
+
+    async def send(self, message: Message) -> None:
+        assert self.ws is not None
+        await self.ws.send(self.conn.send(message))
+
+    async def until(self, count: int) -> list[Message]:
+        """The first ``count`` messages other than heartbeats."""
+        with anyio.fail_after(20 * UNIT):
+            while len(self.messages) < count:
+                await self._next()
+        return self.messages[:count]
+
+    async def outcomes(self, count: int) -> set[tuple[str, int, bool, object]]:
+        """(run, attempt, ok, value) of every outcome sent, once there are ``count``."""
+        with anyio.fail_after(20 * UNIT):
+            while True:
+                found = [o for m in self.messages if isinstance(m, Result) for o in m.outcomes]
+                if len(found) >= count:
+                    return {(o.run_id, o.attempt, o.ok, o.value) for o in found}
+                await self._next()
+
+    async def connections(self, count: int) -> Hello:
+        """The hello of the ``count``-th connection, once it is open."""
+        with anyio.fail_after(60 * UNIT):
+            while len(self.hellos) < count:
+                await self._next()
+        return self.hellos[count - 1]
+
+    async def _next(self) -> None:
+        self.arrived = anyio.Event()
+        await self.arrived.wait()
+
+
+@asynccontextmanager
+async def scripted_hub_and_runner(tmp_path: Path) -> AsyncIterator[ScriptedHub]:
+    hub = ScriptedHub()
+    async with serve(hub.handler, "127.0.0.1", 0, subprotocols=[Subprotocol(SUBPROTOCOL)]) as srv:
+        port = srv.sockets[0].getsockname()[1]
+        runner = Proc("runner", ["worker", "apps.jobs", "--hub", f"http://127.0.0.1:{port}",
+                                 "--runner-id", "scripted"], tmp_path)  # fmt: skip
+        try:
+            await hub.connections(1)
+            yield hub
+        finally:
+            runner.kill()
+
+
+async def test_a_dispatch_of_several_runs_is_acked_once_and_a_run_it_cannot_take_is_rejected(
+    tmp_path: Path,
+) -> None:
+    async with scripted_hub_and_runner(tmp_path) as hub:
+        runs = (
+            Assignment(run_id="r1", attempt=1, function="apps.jobs.add", args=[2, 3], kwargs={}),
+            Assignment(run_id="r2", attempt=1, function="apps.jobs.nowhere", args=[], kwargs={}),
+            Assignment(run_id="r3", attempt=4, function="apps.jobs.add", args=[1], kwargs={"y": 1}),
+        )
+        await hub.send(Dispatch(runs=runs, lease_ms=30_000))
+        first = await hub.until(2)
+        assert RejectDispatch(run_id="r2", attempt=1, reason="unknown_function") in first
+        assert Ack(runs=(RunRef(run_id="r1", attempt=1), RunRef(run_id="r3", attempt=4))) in first
+        assert await hub.outcomes(2) == {("r1", 1, True, 5), ("r3", 4, True, 2)}
+        # Acknowledged, an outcome is forgotten; the other is kept, and sent again (alone)
+        # once the runner has reconnected.
+        await hub.send(ResultAck(runs=(RunRef(run_id="r1", attempt=1),)))
+        before = len(hub.messages)
+        assert hub.ws is not None
+        await hub.ws.close()
+        hello = await hub.connections(2)
+        assert hello.unacked == (RunRef(run_id="r3", attempt=4),)
+        [again] = (await hub.until(before + 1))[before:]
+        assert isinstance(again, Result)
+        assert [(o.run_id, o.value) for o in again.outcomes] == [("r3", 2)]
