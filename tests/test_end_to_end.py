@@ -128,7 +128,7 @@ def test_runs_sent_together_travel_within_the_message_limit(
     # runs dispatched together, and outcomes that finish together, go in as many messages as
     # the limit asks for.
     cluster.hub(TETHER_MAX_MESSAGE_BYTES=str(64 * 1024))
-    cluster.runner("apps.jobs", slots=2)
+    runner = cluster.runner("apps.jobs", slots=2)
     with Client(cluster.url) as client:
         results = client.submit_many("apps.jobs.text", [(40_000,)] * 12)
         assert [len(h.get(timeout=20 * UNIT)) for h in results] == [40_000] * 12
@@ -141,6 +141,14 @@ def test_runs_sent_together_travel_within_the_message_limit(
         release.write_text("go")
         assert [h.get(timeout=20 * UNIT) for h in blockers] == ["released"] * 2
         assert [h.get(timeout=20 * UNIT) for h in arguments] == [40_000] * 12
+        # A result that cannot fit a message at all is the run's error, not a connection the
+        # hub closes (again after every reconnect), and the runner carries on.
+        with pytest.raises(TaskError) as too_big:
+            client.submit("apps.jobs.text", 100_000).get(timeout=20 * UNIT)
+        assert too_big.value.type == "tether.ResultTooLarge"
+        assert "100,022 bytes as JSON, over the hub's message limit of 65,536" in str(too_big.value)
+        assert client.submit("apps.jobs.add", 1, 2).get(timeout=20 * UNIT) == 3
+        assert "retrying" not in runner.output()
 
 
 @pytest.mark.anyio

@@ -107,6 +107,27 @@ async def test_body_over_the_limit_is_refused(api: httpx.AsyncClient) -> None:
     assert response.status_code == 413
 
 
+async def test_a_run_whose_dispatch_would_not_fit_a_runner_is_refused(
+    api: httpx.AsyncClient,
+) -> None:
+    # The hub's limit is 64 KiB, for request bodies and for the frames runners accept.
+    before = (await api.get("/v1/status")).json()["runs"]
+    near = {"function": "t.f", "queue": "q", "args": ["y" * (64 * 1024 - 100)]}
+    refused = await api.post("/v1/runs", json=near)
+    assert refused.status_code == 413
+    assert refused.json()["error"].startswith("run would be a dispatch of 65,")
+    assert "over the runners' message limit of 65,536 bytes" in refused.json()["error"]
+    # 1e15 is re-encoded as 1000000000000000.0: 20 kB of them would be a 90 kB dispatch.
+    short = b'{"runs": [{"function": "t.f", "queue": "q"}, {"function": "t.f", "queue": "q",'
+    short += b' "args": [' + b",".join([b"1e15"] * 4_000) + b"]}]}"
+    refused = await api.post("/v1/runs/batch", content=short)
+    assert refused.status_code == 413
+    assert refused.json()["error"].startswith("runs[1] would be a dispatch of")
+    assert (await api.get("/v1/status")).json()["runs"] == before  # nothing was stored
+    fits = {"function": "t.f", "queue": "q", "args": ["y" * (48 * 1024)]}
+    assert (await api.post("/v1/runs", json=fits)).status_code == 201
+
+
 async def test_idempotency_key_returns_the_first_run(api: httpx.AsyncClient) -> None:
     first = await api.post("/v1/runs", json={"function": "x", "queue": "q", "idempotency_key": "k"})
     again = await api.post("/v1/runs", json={"function": "x", "queue": "q", "idempotency_key": "k"})

@@ -34,12 +34,15 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ..protocol import (
     SUBPROTOCOL,
+    Assignment,
     CloseCode,
+    Dispatch,
     Heartbeat,
     Hello,
     HubConnection,
     ProtocolFailure,
     Welcome,
+    encode,
 )
 from ..protocol.codec import loads
 from ._cork import flush_answer
@@ -124,10 +127,28 @@ def create_app(
             raise BadRequest(400, f"{name} must be a finite number >= 0, got {raw!r}")
         return min(value, MAX_WAIT_SECONDS)
 
+    def dispatchable(body: bytes | bytearray, runs: list[SubmitRequest], where: str) -> None:
+        """413 for a run whose dispatch would not fit the runners' message limit (a runner
+        would refuse it, and every dispatch after it). Its arguments take about what they
+        took in the body, unless written in a short form (``1e15`` is re-encoded as
+        ``1000000000000000.0``): only a body over a fifth of the limit needs measuring."""
+        limit = timings.max_message_bytes
+        if len(body) <= limit // 5:
+            return
+        for i, run in enumerate(runs):
+            order = Assignment(run_id="0" * 32, attempt=2**31, function=run.function,
+                               args=run.args, kwargs=run.kwargs, timeout=1e300)  # fmt: skip
+            size = len(encode(Dispatch(runs=(order,), lease_ms=2**31)))
+            if size > limit:
+                name = where if len(runs) == 1 else f"{where}[{i}]"
+                raise BadRequest(413, f"{name} would be a dispatch of {size:,} bytes, over the"
+                                      f" runners' message limit of {limit:,} bytes")  # fmt: skip
+
     async def do_submit(body: bytes | bytearray, wait: str | None = None) -> tuple[int, Any]:
         """Store a run; with ``wait`` (seconds), answer once it finished or that time passed,
         with the whole run: a submit and a long poll in one round trip."""
         run = parse_run(parse_body(body), "run")
+        dispatchable(body, [run], "run")
         timeout = None if wait is None else seconds("wait", wait)
         watch: dict[str, Any] | None = None if timeout is None else {}
         [(record, created)] = await scheduler.submit([run], watch=watch)
@@ -142,6 +163,7 @@ def create_app(
         if not isinstance(obj, dict) or not isinstance(obj.get("runs"), list):
             raise BadRequest(400, "body must be an object with a list 'runs'")
         runs = [parse_run(item, f"runs[{i}]") for i, item in enumerate(obj["runs"])]
+        dispatchable(body, runs, "runs")
         stored = await scheduler.submit(runs)
         return 201, {"ids": [record.id for record, _ in stored]}
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import json
 import logging
 import os
@@ -43,6 +44,7 @@ from .._step import encode_request
 from ..app import FunctionSpec
 from ..exceptions import ProtocolError
 from ..protocol import (
+    DEFAULT_MAX_MESSAGE_BYTES,
     SUBPROTOCOL,
     Ack,
     Assignment,
@@ -297,6 +299,7 @@ class HubLink:
         self.outbox = ResultOutbox()
         # Outcomes finished during this turn of the event loop, sent together at its end.
         self._unsent: list[Outcome] = []
+        self._limit = DEFAULT_MAX_MESSAGE_BYTES  # the hub's message size limit, from welcome
         self.steps: dict[str, _Step] = {}  # by run id
         self.running: dict[str, int] = {name: 0 for name in self.specs}  # held, by function
         # One worker task per slot takes held steps in the order they came, skipping those whose
@@ -460,6 +463,7 @@ class HubLink:
             event.heartbeat_interval_ms,
         )
         self._sock, self._conn = sock, conn
+        self._limit = event.max_message_bytes
         self.connected.set()
         # Results kept from before the reconnect go first; the hub fences stale ones.
         self._unsent.clear()  # they are in the outbox, and go now
@@ -647,7 +651,7 @@ class HubLink:
             self._forget(step)
         if outcome is None:
             return  # cancelled by the hub (cancel, lease lost): nobody wants a result
-        self._report(_outcome(step, outcome))
+        self._report(_outcome(step, outcome, self._limit))
         if backend.abandoned >= self.max_abandoned and not self.draining:
             log.warning(
                 "%d subinterpreter units are stuck in timed-out steps: draining to restart",
@@ -688,7 +692,26 @@ def loads_outcome(outcome: bytes) -> Any:
         return json.loads(outcome)
 
 
-def _outcome(step: _Step, outcome: bytes) -> Outcome:
+def _outcome(step: _Step, outcome: bytes, limit: int) -> Outcome:
+    """The outcome to report for ``step`` from the unit's ``outcome`` bytes. What the hub could
+    not take is the step's error: a result that is not JSON, or an outcome whose message would
+    be over the hub's size ``limit`` (sent, it would close the connection, and again after
+    every reconnect)."""
+    reported = _read_outcome(step, outcome)
+    # The message is the outcome's JSON and a few hundred bytes: only a big one needs measuring.
+    if len(outcome) > limit - 1024 and len(encode(Result(outcomes=(reported,)))) > limit:
+        what = "result" if reported.ok else "error"
+        error = ErrorInfo(
+            type="tether.ResultTooLarge",
+            message=f"the {what} of {step.spec.name} is {len(outcome):,} bytes as JSON, over"
+            f" the hub's message limit of {limit:,} bytes",
+            retryable=False,
+        )
+        return dataclasses.replace(reported, ok=False, value=None, error=error)
+    return reported
+
+
+def _read_outcome(step: _Step, outcome: bytes) -> Outcome:
     duration_ms = (time.monotonic() - step.started) * 1000
     data = loads_outcome(outcome)
     ref = step.ref
