@@ -3,6 +3,7 @@ that speak the real protocol (dispatch, fencing, leases, heartbeat timeouts, bad
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -409,9 +410,14 @@ async def test_bad_frames_get_a_meaningful_close_and_others_are_unaffected(
 
 async def test_connection_without_the_subprotocol_is_refused(hub: str) -> None:
     url = hub.replace("http://", "ws://") + "/v1/connect"
-    with pytest.raises(InvalidStatus):
-        async with connect(url, ping_interval=None):
-            pass
+    for offered, named in ((None, "none"), ([Subprotocol("tether.v1")], "tether.v1")):
+        with pytest.raises(InvalidStatus) as refused:
+            async with connect(url, subprotocols=offered, ping_interval=None):
+                pass
+        # 426, not 403: a runner of another version can say so rather than blame its token.
+        assert refused.value.response.status_code == 426
+        said = json.loads(refused.value.response.body)["error"]
+        assert said == f"this hub speaks tether.v2; offered: {named}"
 
 
 async def test_metrics_after_real_runs_parse_as_prometheus_text(

@@ -3,6 +3,7 @@ answers to a dispatch of several runs, some of which it must refuse."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -139,3 +140,32 @@ async def test_a_dispatch_of_several_runs_is_acked_once_and_a_run_it_cannot_take
         [again] = (await hub.until(before + 1))[before:]
         assert isinstance(again, Result)
         assert [(o.run_id, o.value) for o in again.outcomes] == [("r3", 2)]
+
+
+async def test_a_runner_meeting_a_hub_of_another_protocol_version_says_so_and_exits(
+    tmp_path: Path,
+) -> None:
+    # What this hub answers to a runner that does not offer its subprotocol (test_hub.py).
+    body = b'{"error":"this hub speaks tether.v9; offered: tether.v2"}'
+    answer = (b"HTTP/1.1 426 Upgrade Required\r\nContent-Type: application/json\r\n"
+              b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)  # fmt: skip
+
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(refuse, "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        runner = Proc("runner", ["worker", "apps.jobs", "--hub", f"http://127.0.0.1:{port}"],
+                      tmp_path)  # fmt: skip
+        try:
+            code = await anyio.to_thread.run_sync(runner.wait)  # the server answers meanwhile
+        finally:
+            runner.kill()
+    output = runner.output()
+    assert code == 2, output
+    assert "speaks another protocol version than this runner (tether.v2):" in output
+    assert "this hub speaks tether.v9; offered: tether.v2" in output

@@ -510,9 +510,15 @@ async def _serve_runner(
         log.warning("refusing runner connection from %s: missing or invalid token", peer)
         await websocket.close(CloseCode.POLICY_VIOLATION)
         return
-    if SUBPROTOCOL not in websocket.scope.get("subprotocols", []):
-        log.warning("refusing connection from %s: subprotocol %s not offered", peer, SUBPROTOCOL)
-        await websocket.close(CloseCode.PROTOCOL_ERROR)
+    offered = websocket.scope.get("subprotocols", [])
+    if SUBPROTOCOL not in offered:
+        message = f"this hub speaks {SUBPROTOCOL}; offered: {', '.join(offered) or 'none'}"
+        log.warning("refusing connection from %s: %s", peer, message)
+        if "websocket.http.response" in websocket.scope.get("extensions", {}):
+            # 426: the runner can tell another protocol version from a refused token (403).
+            await websocket.send_denial_response(_error(426, message))
+        else:
+            await websocket.close(CloseCode.PROTOCOL_ERROR)
         return
     await websocket.accept(subprotocol=SUBPROTOCOL)
     conn = HubConnection(

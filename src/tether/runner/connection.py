@@ -427,6 +427,12 @@ class HubLink:
                               exc.response.status_code)  # fmt: skip
                     self.stop(EXIT_FATAL)
                     return
+                if isinstance(exc, InvalidStatus) and exc.response.status_code == 426:
+                    log.error("the hub at %s speaks another protocol version than this runner"
+                              " (%s): %s", self.url, SUBPROTOCOL,
+                              _said(exc.response.body))  # fmt: skip
+                    self.stop(EXIT_FATAL)
+                    return
                 cancelled = isinstance(raised, anyio.get_cancelled_exc_class())
                 if cancelled or not isinstance(exc, _RECOVERABLE):
                     raise
@@ -751,6 +757,14 @@ def _innermost(exc: BaseException) -> BaseException:
         leaves = [e for e in exc.exceptions if not isinstance(e, cancelled)]
         exc = (leaves or exc.exceptions)[0]
     return exc
+
+
+def _said(body: bytes | bytearray) -> str:
+    """What an HTTP answer's JSON body says (its ``error``), or the body itself."""
+    try:
+        return str(json.loads(body)["error"])
+    except (ValueError, KeyError, TypeError):
+        return body.decode("utf-8", "replace")[:200] or "(no reason given)"
 
 
 def _describe(exc: BaseException) -> str:
