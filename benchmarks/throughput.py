@@ -16,8 +16,9 @@ round by round (so load from elsewhere on the machine lands on every system alik
   then checked. Peers: see ``benchmarks/peers/driver.py``.
 * **submit-only runs/s**: ``N`` divided by the time until the last submit call returned.
 
-Ways of submitting: ``single`` is one run per request (Tether: ``AsyncClient.submit`` with up to
-32 requests in flight; Celery: ``delay()`` in a loop; taskiq: ``kiq()``, 32 in flight);
+Ways of submitting: ``single`` is one submit call per run (Tether: ``AsyncClient.submit`` with up
+to 32 calls in flight, which the client sends two requests at a time, each carrying the calls
+that waited for it; Celery: ``delay()`` in a loop; taskiq: ``kiq()``, 32 in flight);
 ``batch`` is Tether's ``submit_many`` with 500 runs per request, Celery's ``group``, and taskiq's
 ``kiq()`` all at once (it has no batch call).
 
