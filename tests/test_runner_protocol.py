@@ -45,6 +45,7 @@ class ScriptedHub:
         self.arrived = anyio.Event()
         self.ws: ServerConnection | None = None
         self.conn = HubConnection(heartbeat_interval_ms=100, heartbeat_timeout_ms=5_000)
+        self.limit = 1 << 20  # the message limit the next welcome announces
 
     async def handler(self, ws: ServerConnection) -> None:
         self.conn = HubConnection(heartbeat_interval_ms=100, heartbeat_timeout_ms=5_000)
@@ -52,7 +53,7 @@ class ScriptedHub:
         assert isinstance(hello, Hello), hello
         welcome = Welcome(session_id="s", heartbeat_interval_ms=100, heartbeat_timeout_ms=5_000,
                           lease_ms=30_000, extend_interval_ms=10_000,
-                          max_message_bytes=1 << 20)  # fmt: skip
+                          max_message_bytes=self.limit)  # fmt: skip
         await ws.send(self.conn.accept(welcome, time.monotonic()))
         self.ws = ws
         self.hellos.append(hello)
@@ -169,3 +170,25 @@ async def test_a_runner_meeting_a_hub_of_another_protocol_version_says_so_and_ex
     assert code == 2, output
     assert "speaks another protocol version than this runner (tether.v2):" in output
     assert "this hub speaks tether.v9; offered: tether.v2" in output
+
+
+async def test_a_kept_result_too_large_for_the_next_hub_is_sent_as_an_error(
+    tmp_path: Path,
+) -> None:
+    async with scripted_hub_and_runner(tmp_path) as hub:
+        big = Assignment(run_id="r1", attempt=1, function="apps.jobs.text", args=[100_000],
+                         kwargs={})  # fmt: skip
+        await hub.send(Dispatch(runs=(big,), lease_ms=30_000))
+        await hub.outcomes(1)  # 100 kB: within this hub's 1 MiB
+        # Never acknowledged; the runner comes back to a hub whose limit is 64 KiB.
+        hub.limit = 64 * 1024
+        before = len(hub.messages)
+        assert hub.ws is not None
+        await hub.ws.close()
+        assert (await hub.connections(2)).unacked == (RunRef(run_id="r1", attempt=1),)
+        [again] = (await hub.until(before + 1))[before:]
+        assert isinstance(again, Result)
+        [outcome] = again.outcomes
+        assert (outcome.run_id, outcome.ok) == ("r1", False)
+        assert outcome.error is not None and outcome.error.type == "tether.ResultTooLarge"
+        assert "over the hub's message limit of 65,536 bytes" in outcome.error.message

@@ -471,9 +471,13 @@ class HubLink:
         self._sock, self._conn = sock, conn
         self._limit = event.max_message_bytes
         self.connected.set()
-        # Results kept from before the reconnect go first; the hub fences stale ones.
+        # Results kept from before the reconnect go first; the hub fences stale ones. One this
+        # hub's limit does not let through (it may be lower than the last one's) is an error.
         self._unsent.clear()  # they are in the outbox, and go now
-        for frame in _result_frames(conn, self.outbox.pending()):
+        kept = [_within(outcome, self._limit) for outcome in self.outbox.pending()]
+        for outcome in kept:
+            self.outbox.add(outcome)  # in place: the outbox keeps its order
+        for frame in _result_frames(conn, kept):
             sock.send(frame)
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._heartbeats, sock, conn, tg.cancel_scope)
@@ -706,15 +710,27 @@ def _outcome(step: _Step, outcome: bytes, limit: int) -> Outcome:
     reported = _read_outcome(step, outcome)
     # The message is the outcome's JSON and a few hundred bytes: only a big one needs measuring.
     if len(outcome) > limit - 1024 and len(encode(Result(outcomes=(reported,)))) > limit:
-        what = "result" if reported.ok else "error"
-        error = ErrorInfo(
-            type="tether.ResultTooLarge",
-            message=f"the {what} of {step.spec.name} is {len(outcome):,} bytes as JSON, over"
-            f" the hub's message limit of {limit:,} bytes",
-            retryable=False,
-        )
-        return dataclasses.replace(reported, ok=False, value=None, error=error)
+        return _too_large(reported, step.spec.name, f"{len(outcome):,} bytes as JSON", limit)
     return reported
+
+
+def _within(outcome: Outcome, limit: int) -> Outcome:
+    """``outcome``, or the error that it is too large for a message of ``limit`` bytes."""
+    size = len(encode(Result(outcomes=(outcome,))))
+    if size <= limit:
+        return outcome
+    return _too_large(outcome, f"run {outcome.run_id}", f"{size:,} bytes as a message", limit)
+
+
+def _too_large(outcome: Outcome, of: str, size: str, limit: int) -> Outcome:
+    """``outcome`` turned into the error that it does not fit the hub's message ``limit``."""
+    error = ErrorInfo(
+        type="tether.ResultTooLarge",
+        message=f"the {'result' if outcome.ok else 'error'} of {of} is {size}, over the hub's"
+        f" message limit of {limit:,} bytes",
+        retryable=False,
+    )
+    return dataclasses.replace(outcome, ok=False, value=None, error=error)
 
 
 def _read_outcome(step: _Step, outcome: bytes) -> Outcome:
