@@ -751,19 +751,19 @@ class AsyncClient(BaseClient):
         body = self._run_body(
             function, args, kwargs, queue=queue, delay=delay, idempotency_key=idempotency_key
         )
-        if not _on_asyncio():
-            answer = await self._request("POST", "/v1/runs", json=body)
-            return AsyncRunHandle(self, answer["id"])
-        if self._submitting < _SUBMITS_IN_FLIGHT:
+        counted = _on_asyncio()  # on another event loop library, every submit goes at once
+        if counted and self._submitting >= _SUBMITS_IN_FLIGHT:
+            future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+            self._waiting.append((body, future))
+            return AsyncRunHandle(self, await future)
+        if counted:
             self._submitting += 1
-            try:
-                answer = await self._request("POST", "/v1/runs", json=body)
-            finally:
+        try:
+            answer = await self._request("POST", "/v1/runs", json=body)
+        finally:
+            if counted:
                 self._submitted()
-            return AsyncRunHandle(self, answer["id"])
-        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._waiting.append((body, future))
-        return AsyncRunHandle(self, await future)
+        return AsyncRunHandle(self, answer["id"])
 
     def _submitted(self) -> None:
         """A submit request came back: send the submits that waited for it, in one request."""
