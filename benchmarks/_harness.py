@@ -40,6 +40,19 @@ def spread(values: Sequence[float], fmt: str = "{:,.0f}") -> str:
     return f"{fmt.format(med)} ({fmt.format(min(values))}-{fmt.format(max(values))})"
 
 
+def print_systems(tether: str, peers: dict[str, Peer], skipped: list[str], width: int) -> None:
+    """The lines that say what ran: Tether (``tether`` and the package versions), each peer,
+    each peer skipped and why; labels padded to ``width``."""
+    print()
+    print(f"{'tether:':<{width}} {tether}")
+    print(f"{'':<{width}} {versions()}")
+    for name, peer in peers.items():
+        print(f"{name + ':':<{width}} {peer.version}; Redis on loopback, no persistence")
+    for line in skipped:
+        print(line)
+    print()
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """The ``q`` quantile (0-1) by the nearest-rank method."""
     ordered = sorted(values)

@@ -31,7 +31,16 @@ import time
 from pathlib import Path
 
 from _common import machine
-from _harness import NOOP, Peer, TetherStack, peer_names, percentile, spread, start_peers, versions
+from _harness import (
+    NOOP,
+    Peer,
+    TetherStack,
+    peer_names,
+    percentile,
+    print_systems,
+    spread,
+    start_peers,
+)
 from tether import Client
 
 QUANTILES = (("p50", 0.50), ("p90", 0.90), ("p99", 0.99))
@@ -94,15 +103,8 @@ def main() -> int:
 
 
 def report(trips: dict[str, list[list[float]]], peers: dict[str, Peer], skipped: list[str]) -> None:
-    print()
-    print("tether:  hub + runner as subprocesses, SQLite WAL synchronous=NORMAL, subinterpreter"
-          " units, blocking tether.Client;")  # fmt: skip
-    print(f"         {versions()}")
-    for name, peer in peers.items():
-        print(f"{name + ':':<8} {peer.version}; Redis on loopback, no persistence")
-    for line in skipped:
-        print(line)
-    print()
+    print_systems("hub + runner as subprocesses, SQLite WAL synchronous=NORMAL, subinterpreter"
+                  " units, blocking tether.Client;", peers, skipped, 8)  # fmt: skip
     header = f"{'system':<12}" + "".join(f"{name + ' ms':>22}" for name, _ in QUANTILES)
     print(header)
     print("-" * len(header))

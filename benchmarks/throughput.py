@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 from _common import machine
-from _harness import NOOP, Peer, TetherStack, peer_names, spread, start_peers, versions
+from _harness import NOOP, Peer, TetherStack, peer_names, print_systems, spread, start_peers
 from peers.lanes import bounded
 from tether import AsyncClient
 
@@ -117,15 +117,9 @@ def report(
     skipped: list[str],
     n: int,
 ) -> None:
-    print()
-    print("tether:     hub + runner as subprocesses, SQLite WAL synchronous=NORMAL (every run"
-          " durable before the API answers), subinterpreter units;")  # fmt: skip
-    print(f"            {versions()}")
-    for name, peer in peers.items():
-        print(f"{name + ':':<11} {peer.version}; Redis on loopback, no persistence")
-    for line in skipped:
-        print(line)
-    print()
+    print_systems("hub + runner as subprocesses, SQLite WAL synchronous=NORMAL (every run"
+                  " durable before the API answers), subinterpreter units;", peers, skipped,
+                  11)  # fmt: skip
     header = (f"{'submit':<7} {'system':<8} {'runs/s end to end':>24} {'submit-only runs/s':>26}"
               f" {'all ok':>7}")  # fmt: skip
     print(header)
