@@ -217,18 +217,18 @@ class Session:
         return limit is None or self.running[function] < limit * hold
 
     def send(self, message: Message) -> None:
-        if self.closed:
-            return
-        if not self._send(encode(message)):
-            self.close(CloseCode.SLOW_CONSUMER, "runner is not reading its frames")
+        if not self.closed:
+            self._write(encode(message))
 
     def send_batch[T](self, make: Callable[[tuple[T, ...]], Message], items: Sequence[T]) -> None:
         """``make(items)`` as one message, or several if one would exceed the size limit."""
-        for frame in encode_split(make, items, self.conn.max_message_bytes):
-            if self.closed:
-                return
-            if not self._send(frame):
-                self.close(CloseCode.SLOW_CONSUMER, "runner is not reading its frames")
+        if not self.closed:
+            for frame in encode_split(make, items, self.conn.max_message_bytes):
+                self._write(frame)
+
+    def _write(self, frame: bytes) -> None:
+        if not self.closed and not self._send(frame):
+            self.close(CloseCode.SLOW_CONSUMER, "runner is not reading its frames")
 
     def close(self, code: int, reason: str) -> None:
         if not self.closed:
