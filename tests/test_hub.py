@@ -4,6 +4,7 @@ that speak the real protocol (dispatch, fencing, leases, heartbeat timeouts, bad
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -186,6 +187,46 @@ async def test_dispatch_result_and_long_poll(hub: str, api: httpx.AsyncClient) -
         assert view["id"] == "light"
         assert view["heartbeat"]["count"] > 0
         assert view["heartbeat"]["interval_ms"] == 50
+
+
+def stored_row(data_dir: Path, run_id: str) -> dict[str, object]:
+    """A run as the store file holds it, read beside the hub (which writes marks lazily)."""
+    db = sqlite3.connect(f"file:{data_dir / 'tether.db'}?mode=ro", uri=True, timeout=10)
+    try:
+        db.row_factory = sqlite3.Row
+        row = db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+        return dict(row)
+    finally:
+        db.close()
+
+
+async def test_a_dispatched_run_is_written_as_running_then_with_its_result(
+    hub: str, api: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    """The running mark waits in memory a moment (scheduler.MARK_DELAY), then is written on its
+    own; a run that finishes first gets it written with its result. Either way the store ends
+    up with who ran which attempt, and when."""
+    async with light_runner(hub) as runner:
+        slow = await submit(api, "t.f")
+        await runner.recv_run()
+
+        async def marked() -> bool:
+            return stored_row(tmp_path, slow)["state"] == "running"
+
+        await apoll("the running mark to be written", marked)
+        row = stored_row(tmp_path, slow)
+        assert (row["runner_id"], row["attempt"]) == ("light", 1)
+        assert row["started_at"] is not None
+        quick = await submit(api, "t.f")
+        await runner.recv_run()
+        for run_id in (quick, slow):
+            await runner.result(run_id, 1, run_id)
+            assert await runner.recv() == acked(run_id, 1)
+    for run_id in (quick, slow):
+        row = stored_row(tmp_path, run_id)
+        assert (row["state"], row["result"], row["attempt"]) == ("succeeded", f'"{run_id}"', 1)
+        assert row["runner_id"] == "light"
+        assert row["created_at"] <= row["started_at"] <= row["finished_at"]
 
 
 async def until_acked(runner: LightRunner, refs: set[RunRef]) -> list[Dispatch]:

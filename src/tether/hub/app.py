@@ -280,7 +280,7 @@ def create_app(
 
     @api
     async def status(request: Request) -> Response:
-        counts = await scheduler.storage.call(scheduler.store.count_by_state)
+        counts = await scheduler.count_by_state()
         return JSONResponse(
             {
                 "runners": scheduler.runner_views(),

@@ -24,7 +24,7 @@ import heapq
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from ..exceptions import StoreError
@@ -67,6 +67,10 @@ __all__ = ["MAX_HOLD_PER_SLOT", "HubTimings", "Scheduler", "Session", "SubmitReq
 # busy, and a busy runner is topped up a quarter of its runs at a time (Scheduler._pick). The
 # runner accepts up to MAX_HOLD_PER_SLOT per slot (runner/connection.py).
 MAX_HOLD_PER_SLOT = 8
+# How long a dispatched run's "running" mark may wait in memory before it is written on its
+# own: a run that finishes sooner has its mark written with its result, one row write instead
+# of two. (Any store operation that might read or change such a run writes the marks first.)
+MARK_DELAY = 0.05
 WAITING_MS = 2.0
 
 log = logging.getLogger("tether.hub")
@@ -271,6 +275,9 @@ class Scheduler:
         self._dispatch_due = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._reported: dict[Session, _Reported] = {}  # settled, not yet recorded
+        # Running marks not written yet, by run id: (run_id, attempt, runner_id, started at).
+        self._marks: dict[str, tuple[str, int, str, float]] = {}
+        self._marks_timer: asyncio.TimerHandle | None = None
         self.metrics = HubMetrics()
 
     # -- life cycle ---------------------------------------------------------------------------
@@ -300,6 +307,7 @@ class Scheduler:
         try:
             await self._clock_loop()
         finally:
+            self._write_marks()  # queued before the store thread stops
             self._loop = None
 
     def _spawn(self, coro: Any) -> None:
@@ -311,6 +319,34 @@ class Scheduler:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("hub task failed", exc_info=task.exception())
+
+    def _store[T](self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> asyncio.Future[T]:
+        """Queue a store operation that may read or change runs, after the marks still
+        waiting in memory: it sees every dispatched run as running."""
+        self._write_marks()
+        return self.storage.submit(fn, *args, **kwargs)
+
+    def _mark_soon(self, marks: Iterable[tuple[str, int, str, float]]) -> None:
+        """Keep running marks in memory for up to :data:`MARK_DELAY`."""
+        self._marks.update((mark[0], mark) for mark in marks)
+        if self._marks and self._marks_timer is None:
+            self._marks_timer = asyncio.get_running_loop().call_later(
+                MARK_DELAY, self._write_marks
+            )
+
+    def _write_marks(self) -> None:
+        """Queue every running mark still in memory, in one store operation."""
+        if self._marks_timer is not None:
+            self._marks_timer.cancel()
+            self._marks_timer = None
+        if self._marks:
+            marks, self._marks = list(self._marks.values()), {}
+            self.storage.submit(_mark_running_many, self.store, marks).add_done_callback(
+                _log_store_failure
+            )
+
+    async def count_by_state(self) -> dict[str, int]:
+        return await self._store(self.store.count_by_state)
 
     def wake(self) -> None:
         """Dispatch what can be dispatched, once the current callback is done: everything that
@@ -351,14 +387,14 @@ class Scheduler:
             )
             for r, run_id in zip(requests, new_run_ids(len(requests)), strict=True)
         ]
-        # Runs a runner can take at once are stored as running in the same commit as their
-        # insert, and dispatched while that commit is being written: the step runs while the
-        # API answer waits for the commit. (Should the commit fail, or the hub die first, the
-        # producer was never told the run was accepted, and its result will be refused: a run
-        # that was not accepted may still have run once.)
+        # Runs a runner can take at once are dispatched while their insert is being written:
+        # the step runs while the API answer waits for the commit; their running marks follow
+        # (see MARK_DELAY). (Should the commit fail, or the hub die first, the producer was
+        # never told the run was accepted, and its result will be refused: a run that was not
+        # accepted may still have run once.)
         starts = self._claim_new(new, now)
-        marks = [(run.id, run.attempt, session.runner_id, now) for session, run in starts]
-        insert = self.storage.submit(_insert_runs, self.store, new, marks)
+        insert = self.storage.submit(self.store.insert_runs, new)
+        self._mark_soon((run.id, run.attempt, session.runner_id, now) for session, run in starts)
         if watch is not None:
             loop = asyncio.get_running_loop()
             for _, run in starts:
@@ -372,6 +408,7 @@ class Scheduler:
             for session, run in starts:
                 self._finished(run.id)  # its waiter, if any: nothing to wait for
                 self.runs.pop(run.id, None)
+                self._marks.pop(run.id, None)
                 self._unqueue(run)
                 if self.leases.holds(RunRef(run_id=run.id, attempt=run.attempt), session.runner_id):
                     self.leases.release(run.id)
@@ -425,7 +462,7 @@ class Scheduler:
         return starts
 
     async def get(self, run_id: str) -> RunRecord | None:
-        return await self.storage.call(self.store.get, run_id)
+        return await self._store(self.store.get, run_id)
 
     async def wait(
         self,
@@ -455,7 +492,7 @@ class Scheduler:
         return await self.get(run_id)
 
     async def cancel(self, run_id: str) -> RunRecord | None:
-        record = await self.storage.call(self.store.cancel, run_id, time.time())
+        record = await self._store(self.store.cancel, run_id, time.time())
         run = self.runs.pop(run_id, None)
         if run is not None and record is not None and record.state == "cancelled":
             lease = self.leases.release(run_id)
@@ -567,11 +604,8 @@ class Scheduler:
             marks.append((run.id, run.attempt, session.runner_id, now))
             if run.started_at is None:
                 run.started_at = now
-        # Queued now, written in the background (and before anything queued after it); the
-        # dispatches go out at once rather than a commit later.
-        self.storage.submit(_mark_running_many, self.store, marks).add_done_callback(
-            _log_store_failure
-        )
+        # Written soon, or with the run's result (MARK_DELAY); the dispatches go out at once.
+        self._mark_soon(marks)
         self._send_dispatches(assignments, now)
 
     def _send_dispatches(
@@ -662,7 +696,7 @@ class Scheduler:
             return
         self.metrics.function(run.function).lost.inc()
         _log_run(run, "queued", reason=why)
-        await self.storage.call(
+        await self._store(
             self.store.requeue, run.id, ref.attempt, not_before=time.time(), error=error
         )
         run.not_before = time.time()
@@ -670,7 +704,7 @@ class Scheduler:
         self.wake()
 
     async def _fail(self, run: _Run, attempt: int, error: dict[str, Any]) -> None:
-        record = await self.storage.call(
+        record = await self._store(
             _finish, self.store, run.id, attempt, "failed", None, error, time.time(),
             run.id in self._waiters,
         )  # fmt: skip
@@ -715,11 +749,9 @@ class Scheduler:
                     run.started_at = now
                 self.leases.grant(ref, session.runner_id, expires)
                 session.take(ref.run_id, ref.attempt, run.function)
-                self._spawn(
-                    self.storage.call(
-                        self.store.mark_running, run.id, ref.attempt, session.runner_id, now
-                    )
-                )
+                self._store(
+                    self.store.mark_running, run.id, ref.attempt, session.runner_id, now
+                ).add_done_callback(_log_store_failure)
                 _log_run(run, "running", runner=session.runner_id, reason="reattached")
             else:
                 session.send(LeaseLost(run_id=ref.run_id, attempt=ref.attempt, reason="stale"))
@@ -792,7 +824,7 @@ class Scheduler:
         if message.reason == "draining":
             session.draining = True
         log.info("runner %s rejected run %s: %s", session.runner_id, run.id, message.reason)
-        await self.storage.call(
+        await self._store(
             self.store.requeue, run.id, ref.attempt, not_before=time.time(), error=None
         )
         self._enqueue(run)
@@ -885,7 +917,7 @@ class Scheduler:
             run.attempt = outcome.attempt
             if run.started_at is None:
                 run.started_at = now
-            self.storage.submit(
+            self._store(
                 self.store.mark_running, run.id, outcome.attempt, session.runner_id, now
             ).add_done_callback(_log_store_failure)
         return lease.holder if lease is not None else session.runner_id
@@ -900,9 +932,12 @@ class Scheduler:
         may have been told already: see :meth:`_take_up`.)"""
         read = [run.id for run, _, _, told in succeeded if told is None and run.id in self._waiters]
         rows = [(run.id, outcome.attempt, outcome.value, now) for run, outcome, _, _ in succeeded]
+        marks = [mark for run, _, _, _ in succeeded if (mark := self._marks.pop(run.id, None))]
         try:
-            records = await self.storage.call(_succeed_many, self.store, rows, read)
+            records = await self.storage.call(_succeed_many, self.store, rows, marks, read)
         except StoreError as exc:
+            # Undone with the rest: those runs are still running (unless marked again since).
+            self._mark_soon(mark for mark in marks if mark[0] not in self._marks)
             for run, outcome, settled, _ in succeeded:
                 ref = RunRef(run_id=outcome.run_id, attempt=outcome.attempt)
                 self._ask_again(session, run, ref, settled, exc)
@@ -937,7 +972,7 @@ class Scheduler:
                 run.failures += 1
                 delay = backoff * 2 ** (run.failures - 1) * random.uniform(0.5, 1.5)
                 run.not_before = now + delay
-                await self.storage.call(
+                await self._store(
                     self.store.requeue, run.id, outcome.attempt, not_before=run.not_before,
                     error=error,
                 )  # fmt: skip
@@ -1043,19 +1078,15 @@ def _mark_running_many(store: Store, marks: list[tuple[str, int, str, float]]) -
         store.mark_running_many(marks)
 
 
-def _insert_runs(
-    store: Store, new: Sequence[NewRun], marks: list[tuple[str, int, str, float]]
-) -> list[tuple[RunRecord, bool]]:
-    stored = store.insert_runs(new)
-    _mark_running_many(store, marks)
-    return stored
-
-
 def _succeed_many(
-    store: Store, rows: list[tuple[str, int, Any, float]], read: list[str]
+    store: Store,
+    rows: list[tuple[str, int, Any, float]],
+    marks: list[tuple[str, int, str, float]],
+    read: list[str],
 ) -> dict[str, RunRecord | None]:
-    """Record successes; the runs in ``read`` as they now are (someone is waiting for them)."""
-    store.succeed_many(rows)
+    """Record successes (and the running marks of those not marked yet); the runs in ``read``
+    as they now are (someone is waiting for them)."""
+    store.succeed_many(rows, marks)
     return {run_id: store.get(run_id) for run_id in read}
 
 

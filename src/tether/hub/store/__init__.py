@@ -143,9 +143,16 @@ class Store(ABC):
         has moved on to a newer attempt. (The scheduler fences in memory first: it also knows
         whether ``attempt``'s outcome was already recorded.)"""
 
-    def succeed_many(self, outcomes: Sequence[tuple[str, int, Any, float]]) -> None:
+    def succeed_many(
+        self,
+        outcomes: Sequence[tuple[str, int, Any, float]],
+        marks: Sequence[tuple[str, int, str, float]] = (),
+    ) -> None:
         """:meth:`finish` as succeeded for each ``(run_id, attempt, result, now)``, fenced
-        alike; a store may do them in one statement."""
+        alike, after :meth:`mark_running_many` of ``marks``: the marks of some of these runs
+        that were never written. A store may write a run's mark with its outcome, and all of
+        them in one statement."""
+        self.mark_running_many(marks)
         for run_id, attempt, result, now in outcomes:
             self.finish(run_id, attempt, "succeeded", result=result, now=now)
 

@@ -81,6 +81,13 @@ _FINISH = (
     "UPDATE runs SET state = ?, finished_at = ?, result = ?, error = NULL"
     " WHERE id = ? AND attempt = ? AND state IN ('running', 'queued')"
 )
+# A success whose running mark was never written (scheduler.MARK_DELAY): both in one write,
+# fenced as both are (the stored attempt may only be older than the one that succeeded).
+_START_AND_SUCCEED = (
+    "UPDATE runs SET state = 'succeeded', finished_at = ?, result = ?, error = NULL,"
+    " attempt = ?, runner_id = ?, started_at = COALESCE(started_at, ?)"
+    " WHERE id = ? AND attempt <= ? AND state IN ('running', 'queued')"
+)
 _MARK_RUNNING = (
     "UPDATE runs SET state = 'running', attempt = ?, runner_id = ?,"
     " started_at = COALESCE(started_at, ?) WHERE id = ? AND state IN ('queued', 'running')"
@@ -294,12 +301,27 @@ class SQLiteStore(Store):
             )  # fmt: skip
         return cursor.rowcount == 1
 
-    def succeed_many(self, outcomes: Sequence[tuple[str, int, Any, float]]) -> None:
-        self.db.executemany(
-            _FINISH,
-            [("succeeded", now, _dumps(result), run_id, attempt)
-             for run_id, attempt, result, now in outcomes],
-        )  # fmt: skip
+    def succeed_many(
+        self,
+        outcomes: Sequence[tuple[str, int, Any, float]],
+        marks: Sequence[tuple[str, int, str, float]] = (),
+    ) -> None:
+        started = {run_id: (attempt, runner_id, at) for run_id, attempt, runner_id, at in marks}
+        rows, marked = [], []
+        for run_id, attempt, result, now in outcomes:
+            mark = started.pop(run_id, None)
+            if mark is not None and mark[0] == attempt:  # marked and finished in one write
+                marked.append((now, _dumps(result), attempt, mark[1], mark[2], run_id, attempt))
+            else:
+                if mark is not None:  # the mark of another attempt: written first, alone
+                    self.mark_running(run_id, *mark)
+                rows.append(("succeeded", now, _dumps(result), run_id, attempt))
+        if started:  # marks of runs without an outcome here
+            self.mark_running_many([(run_id, *mark) for run_id, mark in started.items()])
+        if marked:
+            self.db.executemany(_START_AND_SUCCEED, marked)
+        if rows:
+            self.db.executemany(_FINISH, rows)
 
     def requeue(
         self, run_id: str, attempt: int, *, not_before: float, error: dict[str, Any] | None
