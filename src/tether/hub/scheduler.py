@@ -936,11 +936,14 @@ class Scheduler:
         try:
             records = await self.storage.call(_succeed_many, self.store, rows, marks, read)
         except StoreError as exc:
-            # Undone with the rest: those runs are still running (unless marked again since).
+            # The commit failed, marks included: those runs are still running (unless marked
+            # again since).
             self._mark_soon(mark for mark in marks if mark[0] not in self._marks)
+            records = exc
+        if isinstance(records, StoreError):
             for run, outcome, settled, _ in succeeded:
                 ref = RunRef(run_id=outcome.run_id, attempt=outcome.attempt)
-                self._ask_again(session, run, ref, settled, exc)
+                self._ask_again(session, run, ref, settled, records)
             return []
         acked = []
         for run, outcome, _, told in succeeded:
@@ -1083,10 +1086,17 @@ def _succeed_many(
     rows: list[tuple[str, int, Any, float]],
     marks: list[tuple[str, int, str, float]],
     read: list[str],
-) -> dict[str, RunRecord | None]:
-    """Record successes (and the running marks of those not marked yet); the runs in ``read``
-    as they now are (someone is waiting for them)."""
-    store.succeed_many(rows, marks)
+) -> dict[str, RunRecord | None] | StoreError:
+    """Record successes, with the running marks of those not marked yet; the runs in ``read``
+    as they now are (someone is waiting for them). Should the store refuse the successes, the
+    marks are written alone, and the refusal is returned rather than raised so that they stay:
+    the runs are still running, and whoever reads them must see so."""
+    try:
+        with store.savepoint():
+            store.succeed_many(rows, marks)
+    except Exception as exc:
+        store.mark_running_many(marks)
+        return exc if isinstance(exc, StoreError) else StoreError(f"{type(exc).__name__}: {exc}")
     return {run_id: store.get(run_id) for run_id in read}
 
 
