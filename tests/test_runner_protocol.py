@@ -15,7 +15,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.typing import Subprotocol
 
-from support import UNIT, Proc
+from support import UNIT, Proc, apoll
 from tether.protocol import (
     SUBPROTOCOL,
     Ack,
@@ -103,12 +103,12 @@ class ScriptedHub:
 
 
 @asynccontextmanager
-async def scripted_hub_and_runner(tmp_path: Path) -> AsyncIterator[ScriptedHub]:
+async def scripted_hub_and_runner(tmp_path: Path, *args: str) -> AsyncIterator[ScriptedHub]:
     hub = ScriptedHub()
     async with serve(hub.handler, "127.0.0.1", 0, subprotocols=[Subprotocol(SUBPROTOCOL)]) as srv:
         port = srv.sockets[0].getsockname()[1]
         runner = Proc("runner", ["worker", "apps.jobs", "--hub", f"http://127.0.0.1:{port}",
-                                 "--runner-id", "scripted"], tmp_path)  # fmt: skip
+                                 "--runner-id", "scripted", *args], tmp_path)  # fmt: skip
         try:
             await hub.connections(1)
             yield hub
@@ -141,6 +141,34 @@ async def test_a_dispatch_of_several_runs_is_acked_once_and_a_run_it_cannot_take
         [again] = (await hub.until(before + 1))[before:]
         assert isinstance(again, Result)
         assert [(o.run_id, o.value) for o in again.outcomes] == [("r3", 2)]
+
+
+async def test_acks_and_outcomes_held_for_company_still_leave_while_a_step_runs(
+    tmp_path: Path,
+) -> None:
+    """The runner holds an acknowledgement, and an outcome that ends while another step runs,
+    a moment so that they share a message with what follows; with nothing following (the other
+    step runs on), they leave by themselves."""
+    release, started = tmp_path / "release", tmp_path / "started"
+    async with scripted_hub_and_runner(tmp_path, "--slots", "2") as hub:
+        blocker = Assignment(run_id="block", attempt=1, function="apps.jobs.wait_for",
+                             args=[str(release), str(started)], kwargs={})  # fmt: skip
+        await hub.send(Dispatch(runs=(blocker,), lease_ms=30_000))
+        assert await hub.until(1) == [Ack(runs=(RunRef(run_id="block", attempt=1),))]
+
+        async def has_started() -> bool:
+            return started.exists()
+
+        await apoll("the blocker to start", has_started)
+        # Longer than the ack is held: the ack leaves first, the outcome has a hold of its own.
+        nap = Assignment(run_id="nap", attempt=1, function="apps.jobs.nap", args=[0.05],
+                         kwargs={})  # fmt: skip
+        await hub.send(Dispatch(runs=(nap,), lease_ms=30_000))
+        assert await hub.outcomes(1) == {("nap", 1, True, 0.05)}
+        assert not release.exists()  # the blocker still runs: the outcome left on its own
+        assert Ack(runs=(RunRef(run_id="nap", attempt=1),)) in hub.messages
+        release.write_text("go")
+        assert await hub.outcomes(2) == {("nap", 1, True, 0.05), ("block", 1, True, "released")}
 
 
 async def test_a_runner_meeting_a_hub_of_another_protocol_version_says_so_and_exits(

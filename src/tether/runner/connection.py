@@ -88,6 +88,13 @@ EXIT_RESTART = 75  # abandoned units piled up: the supervisor re-executes the ru
 # than this (scheduler.py, MAX_HOLD_PER_SLOT); a step's timeout starts when it starts running.
 MAX_HOLD_PER_SLOT = 8
 
+# An outcome that finishes while other steps still run waits this long for theirs, so that
+# they share one result message (under load one per run cost the runner and the hub a frame
+# each); the last step running sends at once. Acknowledgements of dispatches (which the hub
+# does not wait for) leave with the next outcomes, or after ACK_HOLD.
+RESULT_HOLD = 0.0005
+ACK_HOLD = 0.002
+RESULT_BATCH = 64  # outcomes waiting that are sent at once
 HANDSHAKE_TIMEOUT = 10.0
 READ_BUFFER_BYTES = 64 * 1024  # under the C library's threshold for mapping memory of its own
 CLOSE_TIMEOUT = 2.0  # after a close frame, how long the hub has to close the TCP connection
@@ -109,9 +116,9 @@ class _Socket(asyncio.BufferedProtocol):
     transport (the pattern of websockets' ``docs/howto/sansio.rst``).
 
     Whole messages go to ``on_message`` from inside the call that read them; until it is set
-    (the handshake) they wait for :meth:`first_message`. :meth:`send` writes at once, except
-    while a read is being handled: what that read produced (the acks of its dispatches) leaves
-    in one write, after the steps it started are on their way.
+    (the handshake) they wait for :meth:`first_message`. :meth:`send` and :meth:`send_all`
+    write at once, except while a read is being handled: what that read produced (rejections
+    of its dispatches, say) leaves in one write, after the steps it started are on their way.
 
     Reads land in one buffer of our own (a buffered protocol): a plain protocol makes asyncio
     allocate a fresh 256 KiB bytes object per read, which the C library maps, shrinks and
@@ -149,8 +156,8 @@ class _Socket(asyncio.BufferedProtocol):
         try:
             self._process()
         finally:
-            # What this read produced (acks) is written once the steps it started have been
-            # handed to their units: the tasks it created run first, then this callback.
+            # What this read produced is written once the steps it started have been handed
+            # to their units: the tasks it created run first, then this callback.
             if not corked:
                 self._loop.call_soon(self._uncork)
 
@@ -228,9 +235,14 @@ class _Socket(asyncio.BufferedProtocol):
         return self.protocol.state is State.OPEN and not self.closed.done()
 
     def send(self, frame: bytes) -> None:
-        if not self.open:
+        self.send_all([frame])
+
+    def send_all(self, frames: list[bytes]) -> None:
+        """Send ``frames`` in one write (or with the rest of the read being handled)."""
+        if not self.open or not frames:
             return  # results are sent again after reconnecting; the rest does not matter
-        self.protocol.send_binary(frame)
+        for frame in frames:
+            self.protocol.send_binary(frame)
         if not self._corked:  # else: it leaves with the rest of this read's answers
             self._flush()
 
@@ -307,8 +319,11 @@ class HubLink:
         self.drain_grace = drain_grace
         self.max_abandoned = max_abandoned
         self.outbox = ResultOutbox()
-        # Outcomes finished during this turn of the event loop, sent together at its end.
+        # Outcomes and acknowledgements not sent yet, and when they go (_send_soon).
         self._unsent: list[Outcome] = []
+        self._unacked: list[RunRef] = []
+        self._sending: asyncio.TimerHandle | None = None
+        self._executing = 0  # steps in a slot
         self._limit = DEFAULT_MAX_MESSAGE_BYTES  # the hub's message size limit, from welcome
         self.steps: dict[str, _Step] = {}  # by run id
         self.running: dict[str, int] = {name: 0 for name in self.specs}  # held, by function
@@ -484,6 +499,7 @@ class HubLink:
         # Results kept from before the reconnect go first; the hub fences stale ones. One this
         # hub's limit does not let through (it may be lower than the last one's) is an error.
         self._unsent.clear()  # they are in the outbox, and go now
+        self._unacked.clear()  # dispatches of the last connection: the hello names the runs held
         kept = [_within(outcome, self._limit) for outcome in self.outbox.pending()]
         for outcome in kept:
             self.outbox.add(outcome)  # in place: the outbox keeps its order
@@ -560,7 +576,8 @@ class HubLink:
                 if ref is not None:
                     accepted.append(ref)
             if accepted:
-                self._send_message(Ack(runs=tuple(accepted)))
+                self._unacked += accepted
+                self._send_soon(ACK_HOLD)
         elif isinstance(message, ResultAck):
             for ref in message.runs:
                 self.outbox.acknowledge(ref)
@@ -627,10 +644,12 @@ class HubLink:
                 continue
             name = step.spec.name
             self._active[name] += 1
+            self._executing += 1
             try:
                 await self._execute(step)
             finally:
                 self._active[name] -= 1
+                self._executing -= 1
 
     def _take(self) -> _Step | None:
         for step in self._ready:
@@ -682,17 +701,33 @@ class HubLink:
             self._steps_tg.start_soon(self.drain, "too many abandoned units")
 
     def _report(self, outcome: Outcome) -> None:
-        """Keep ``outcome`` until acknowledged; send it with the others of this loop turn."""
+        """Keep ``outcome`` until acknowledged; send it at once if no other step is running,
+        else with the outcomes of those that end within RESULT_HOLD."""
         self.outbox.add(outcome)
-        if not self._unsent:
-            asyncio.get_running_loop().call_soon(self._send_results)
         self._unsent.append(outcome)
+        others = self._executing > 1  # this step still counts
+        self._send_soon(RESULT_HOLD if others and len(self._unsent) < RESULT_BATCH else 0.0)
 
-    def _send_results(self) -> None:
+    def _send_soon(self, delay: float) -> None:
+        """Send what waits within ``delay`` seconds (sooner if it was due sooner already)."""
+        loop = asyncio.get_running_loop()
+        due = loop.time() + delay
+        if self._sending is not None:
+            if self._sending.when() <= due:
+                return
+            self._sending.cancel()
+        self._sending = loop.call_at(due, self._send_waiting)
+
+    def _send_waiting(self) -> None:
+        """Acknowledgements and outcomes, in one write."""
+        self._sending = None
+        unacked, self._unacked = self._unacked, []
         unsent, self._unsent = self._unsent, []
-        if unsent and self._conn is not None:  # else: sent from the outbox on reconnect
-            for frame in _result_frames(self._conn, unsent):
-                self._send(frame)
+        sock, conn = self._sock, self._conn
+        if sock is None or conn is None:
+            return  # outcomes go from the outbox on reconnect; acks no longer matter
+        frames = [encode(Ack(runs=tuple(unacked)))] if unacked else []
+        sock.send_all(frames + _result_frames(conn, unsent))
 
 
 def _result_frames(conn: RunnerConnection, outcomes: list[Outcome]) -> list[bytes]:
