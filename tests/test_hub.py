@@ -18,6 +18,7 @@ from websockets.typing import Subprotocol
 from lightrunner import LightRunner, acked, light_runner
 from support import UNIT, apoll
 from tether.hub import Hub
+from tether.hub.scheduler import MAX_HOLD_PER_SLOT
 from tether.protocol import (
     SUBPROTOCOL,
     Ack,
@@ -272,10 +273,12 @@ async def test_runs_waiting_on_a_busy_runner_are_sent_in_batches(
     hub: str, api: httpx.AsyncClient
 ) -> None:
     # One slot. Until a step's duration is known the hub sends 2 runs per slot (one to run, one
-    # to wait); once steps are known to be quick, up to 8, topped up only once a quarter of
-    # those are done, each top-up in one message.
+    # to wait); once steps are known to be quick, up to MAX_HOLD_PER_SLOT, topped up only once
+    # a quarter of those are done, each top-up in one message.
+    hold = MAX_HOLD_PER_SLOT
     async with light_runner(hub, slots=1) as runner:
-        created = await api.post("/v1/runs/batch", json={"runs": [{"function": "t.f"}] * 20})
+        runs = [{"function": "t.f"}] * (2 * hold + 4)
+        created = await api.post("/v1/runs/batch", json={"runs": runs})
         assert created.status_code == 201
         first = await runner.recv()
         assert isinstance(first, Dispatch) and len(first.runs) == 2
@@ -289,9 +292,10 @@ async def test_runs_waiting_on_a_busy_runner_are_sent_in_batches(
                 held.extend(dispatch.runs)
             return dispatches
 
-        assert [len(d.runs) for d in await finish_next()] == [7]  # topped up to 8
-        assert await finish_next() == []  # 7 held: not yet
-        assert [len(d.runs) for d in await finish_next()] == [2]  # 6 held: back to 8
+        assert [len(d.runs) for d in await finish_next()] == [hold - 1]  # topped up to hold
+        for _ in range(hold // 4 - 1):
+            assert await finish_next() == []  # fewer than a quarter done: not yet
+        assert [len(d.runs) for d in await finish_next()] == [hold // 4]  # back to hold
         while held:
             await finish_next()
         ids = created.json()["ids"]

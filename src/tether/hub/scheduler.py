@@ -66,12 +66,12 @@ __all__ = ["MAX_HOLD_PER_SLOT", "HubTimings", "Scheduler", "Session", "SubmitReq
 # to the runner with the most room first, so they wait on a runner only while every runner is
 # busy, and a busy runner is topped up a quarter of its runs at a time (Scheduler._pick). The
 # runner accepts up to MAX_HOLD_PER_SLOT per slot (runner/connection.py).
-MAX_HOLD_PER_SLOT = 8
+MAX_HOLD_PER_SLOT = 32
+WAITING_MS = 8.0
 # How long a dispatched run's "running" mark may wait in memory before it is written on its
 # own: a run that finishes sooner has its mark written with its result, one row write instead
 # of two. (Any store operation that might read or change such a run writes the marks first.)
 MARK_DELAY = 0.05
-WAITING_MS = 2.0
 
 log = logging.getLogger("tether.hub")
 run_log = logging.getLogger("tether.runs")

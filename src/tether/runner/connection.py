@@ -86,7 +86,7 @@ EXIT_RESTART = 75  # abandoned units piled up: the supervisor re-executes the ru
 # running, the others waiting their turn here, so that a slot that frees starts its next step
 # at once instead of a round trip to the hub later. The hub decides how many to send, no more
 # than this (scheduler.py, MAX_HOLD_PER_SLOT); a step's timeout starts when it starts running.
-MAX_HOLD_PER_SLOT = 8
+MAX_HOLD_PER_SLOT = 32
 
 # An outcome that finishes while other steps still run waits this long for theirs, so that
 # they share one result message (under load one per run cost the runner and the hub a frame
