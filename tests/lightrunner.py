@@ -87,10 +87,11 @@ async def light_runner(
     *,
     slots: int = 2,
     in_flight: Sequence[RunRef] = (),
+    hold_per_slot: int = 8,
 ) -> AsyncIterator[LightRunner]:
     infos = tuple(f if isinstance(f, FunctionInfo) else FunctionInfo(name=f) for f in functions)
     hello = Hello(runner_id=runner_id, host="test", pid=1, slots=slots, functions=infos,
-                  in_flight=tuple(in_flight))  # fmt: skip
+                  in_flight=tuple(in_flight), hold_per_slot=hold_per_slot)  # fmt: skip
     conn = RunnerConnection(hello)
     ws_url = url.replace("http://", "ws://") + "/v1/connect"
     async with connect(ws_url, subprotocols=[Subprotocol(SUBPROTOCOL)], ping_interval=None) as ws:

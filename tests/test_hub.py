@@ -138,6 +138,18 @@ async def test_idempotency_key_returns_the_first_run(api: httpx.AsyncClient) -> 
     assert first.json()["id"] == again.json()["id"]
 
 
+async def test_a_key_seen_again_finds_its_run_as_it_is(hub: str, api: httpx.AsyncClient) -> None:
+    """A run found by its idempotency key is read after the running marks still in memory
+    are written: dispatched, it is running, whatever the store held a moment before."""
+    body = {"function": "t.f", "idempotency_key": "k"}
+    async with light_runner(hub) as runner:
+        first = await api.post("/v1/runs", json=body)
+        await runner.recv_run()
+        again = await api.post("/v1/runs", json=body)
+        assert (first.status_code, again.status_code) == (201, 200)
+        assert again.json() == {"id": first.json()["id"], "state": "running"}
+
+
 async def test_batch_is_validated_entry_by_entry(api: httpx.AsyncClient) -> None:
     bad = await api.post("/v1/runs/batch", json={"runs": [{"function": "x", "queue": "q"}, {}]})
     assert bad.status_code == 400
@@ -276,7 +288,7 @@ async def test_runs_waiting_on_a_busy_runner_are_sent_in_batches(
     # to wait); once steps are known to be quick, up to MAX_HOLD_PER_SLOT, topped up only once
     # a quarter of those are done, each top-up in one message.
     hold = MAX_HOLD_PER_SLOT
-    async with light_runner(hub, slots=1) as runner:
+    async with light_runner(hub, slots=1, hold_per_slot=hold) as runner:
         runs = [{"function": "t.f"}] * (2 * hold + 4)
         created = await api.post("/v1/runs/batch", json={"runs": runs})
         assert created.status_code == 201
@@ -298,6 +310,27 @@ async def test_runs_waiting_on_a_busy_runner_are_sent_in_batches(
         assert [len(d.runs) for d in await finish_next()] == [hold // 4]  # back to hold
         while held:
             await finish_next()
+        ids = created.json()["ids"]
+    assert {(await state(api, run_id))["state"] for run_id in ids} == {"succeeded"}
+
+
+async def test_a_runner_is_sent_no_more_runs_than_it_holds(
+    hub: str, api: httpx.AsyncClient
+) -> None:
+    """A runner says in its hello how many runs it accepts per slot (one that does not, 8):
+    quick steps or not, the hub never has more than that on it."""
+    async with light_runner(hub, slots=1, hold_per_slot=4) as runner:
+        created = await api.post("/v1/runs/batch", json={"runs": [{"function": "t.f"}] * 16})
+        assert created.status_code == 201
+        first = await runner.recv()
+        assert isinstance(first, Dispatch)
+        held = list(first.runs)
+        while held:
+            run = held.pop(0)
+            await runner.result(run.run_id, run.attempt)  # a quick step
+            for dispatch in await until_acked(runner, {RunRef(run_id=run.run_id, attempt=1)}):
+                held.extend(dispatch.runs)
+            assert len(held) <= 4
         ids = created.json()["ids"]
     assert {(await state(api, run_id))["state"] for run_id in ids} == {"succeeded"}
 

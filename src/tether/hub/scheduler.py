@@ -3,13 +3,15 @@
 Coordination state lives here, in memory, on the event loop: ready queues per (queue,
 function), delayed runs, connected runner sessions, leases, waiters. The store is the durable
 record it is rebuilt from (:meth:`Scheduler.recover`). An API answer goes out after the run is
-inserted, and a ``result_ack`` after the outcome is stored. A dispatch goes out as soon as its
-"running" mark (for a new run, its insert) is queued for the store, which writes operations in
-the order they were queued: anything the dispatch leads to (a result, a requeue, a cancel) is
-written after it. If the hub
-dies before that mark is written, the run is still "queued" in the store, one attempt behind
+inserted, and a ``result_ack`` after the outcome is stored. A new run dispatched at once is
+marked "running" in its insert's commit. A run dispatched from a queue goes out at once and its
+mark waits in memory (:data:`MARK_DELAY`): it is written with the run's result if that comes
+first, else on its own, and always before any store operation that reads or changes runs
+(:meth:`Scheduler._store`; the store writes operations in the order they were queued). If the
+hub dies before a mark is written, the run is still "queued" in the store, one attempt behind
 the dispatch that went out: :meth:`Scheduler.recover` takes that attempt as possibly sent, so a
-runner that comes back with it is recognised, and the next dispatch uses a newer number.
+runner that comes back with it before the run is dispatched again is recognised, and the next
+dispatch uses a newer number (delivery is at least once).
 
 Nothing here touches a socket: sessions are given a ``send`` callable that queues a frame
 without blocking and a ``close`` callable; the WebSocket endpoint (:mod:`.app`) owns the rest.
@@ -205,6 +207,11 @@ class Session:
         return self.hello.slots
 
     @property
+    def hold_limit(self) -> int:
+        """Runs per slot this runner accepts (it says so in its hello)."""
+        return max(1, self.hello.hold_per_slot)
+
+    @property
     def free_slots(self) -> int:
         return max(0, self.slots - len(self.in_flight))
 
@@ -327,9 +334,11 @@ class Scheduler:
         return self.storage.submit(fn, *args, **kwargs)
 
     def _mark_soon(self, marks: Iterable[tuple[str, int, str, float]]) -> None:
-        """Keep running marks in memory for up to :data:`MARK_DELAY`."""
+        """Keep running marks in memory for up to :data:`MARK_DELAY` (while serving)."""
         self._marks.update((mark[0], mark) for mark in marks)
-        if self._marks and self._marks_timer is None:
+        if self._loop is None:  # stopping: the store thread stops after what is queued now
+            self._write_marks()
+        elif self._marks and self._marks_timer is None:
             self._marks_timer = asyncio.get_running_loop().call_later(
                 MARK_DELAY, self._write_marks
             )
@@ -393,8 +402,14 @@ class Scheduler:
         # never told the run was accepted, and its result will be refused: a run that was not
         # accepted may still have run once.)
         starts = self._claim_new(new, now)
-        insert = self.storage.submit(self.store.insert_runs, new)
-        self._mark_soon((run.id, run.attempt, session.runner_id, now) for session, run in starts)
+        marks = [(run.id, run.attempt, session.runner_id, now) for session, run in starts]
+        # Marked running in the insert's own commit: a hub that dies after answering still
+        # knows they were dispatched. A run with an idempotency key may be found instead of
+        # inserted: it is read after the marks still in memory are written.
+        keyed = any(run.idempotency_key is not None for run in new)
+        insert = (self._store if keyed else self.storage.submit)(
+            _insert_runs, self.store, new, marks
+        )
         if watch is not None:
             loop = asyncio.get_running_loop()
             for _, run in starts:
@@ -408,7 +423,6 @@ class Scheduler:
             for session, run in starts:
                 self._finished(run.id)  # its waiter, if any: nothing to wait for
                 self.runs.pop(run.id, None)
-                self._marks.pop(run.id, None)
                 self._unqueue(run)
                 if self.leases.holds(RunRef(run_id=run.id, attempt=run.attempt), session.runner_id):
                     self.leases.release(run.id)
@@ -557,9 +571,10 @@ class Scheduler:
         runs waiting on a runner are sent several to a message, not one per result that arrives.
         ``topping``: the runners being topped up in this pass (updated)."""
         best: Session | None = None
-        hold = self._hold(function)
+        wanted = self._hold(function)
         for runner_id in self._serving.get(function, ()):
             session = self.sessions[runner_id]
+            hold = min(wanted, session.hold_limit)
             if session.functions[function].queue != queue or not session.can_take(function, hold):
                 continue
             if session.room <= 0 and session not in topping:
@@ -611,7 +626,8 @@ class Scheduler:
     def _send_dispatches(
         self, assignments: list[tuple[Session, _Run]], now: float, *, log_running: bool = True
     ) -> None:
-        """Send the dispatches of runs marked running in the store: one message per runner."""
+        """Send the dispatches of runs marked running (or about to be): one message per
+        runner."""
         orders: dict[Session, list[Assignment]] = {}
         for session, run in assignments:
             # The lease may be gone already (cancelled while we were writing): skip it.
@@ -1081,6 +1097,14 @@ def _mark_running_many(store: Store, marks: list[tuple[str, int, str, float]]) -
         store.mark_running_many(marks)
 
 
+def _insert_runs(
+    store: Store, new: Sequence[NewRun], marks: list[tuple[str, int, str, float]]
+) -> list[tuple[RunRecord, bool]]:
+    stored = store.insert_runs(new)
+    _mark_running_many(store, marks)
+    return stored
+
+
 def _succeed_many(
     store: Store,
     rows: list[tuple[str, int, Any, float]],
@@ -1095,6 +1119,8 @@ def _succeed_many(
         with store.savepoint():
             store.succeed_many(rows, marks)
     except Exception as exc:
+        if not store.in_transaction():  # the database gave up the whole transaction
+            raise
         store.mark_running_many(marks)
         return exc if isinstance(exc, StoreError) else StoreError(f"{type(exc).__name__}: {exc}")
     return {run_id: store.get(run_id) for run_id in read}

@@ -125,6 +125,9 @@ class Hello(Message):
     in_flight: tuple[RunRef, ...] = ()  # runs still executing from a previous connection
     unacked: tuple[RunRef, ...] = ()  # results kept for the hub, re-sent right after welcome
     draining: bool = False
+    # Runs it accepts per slot (and per unit of a function's concurrency), waiting ones
+    # included; the first tether.v2 runners took 8 and did not say.
+    hold_per_slot: int = 8
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)

@@ -406,6 +406,7 @@ class HubLink:
                 RunRef(run_id=r.run_id, attempt=r.attempt) for r in self.outbox.pending()
             ),
             draining=self.draining,
+            hold_per_slot=MAX_HOLD_PER_SLOT,
         )
 
     async def _open(self) -> _Socket:

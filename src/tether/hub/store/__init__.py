@@ -102,6 +102,11 @@ class Store(ABC):
         """A context manager: everything inside commits together (group commit)."""
 
     @abstractmethod
+    def in_transaction(self) -> bool:
+        """Whether :meth:`transaction`'s transaction is still open: a failed statement may
+        have ended it (a full disk, say), after which nothing more can be done in it."""
+
+    @abstractmethod
     def savepoint(self) -> Any:
         """A context manager nested in a transaction: if its body raises, only it is undone."""
 

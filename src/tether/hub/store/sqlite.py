@@ -212,6 +212,9 @@ class SQLiteStore(Store):
         except sqlite3.Error as exc:
             raise StoreError(f"store {self.path}: commit failed: {exc}") from exc
 
+    def in_transaction(self) -> bool:
+        return self.db.in_transaction
+
     @contextlib.contextmanager
     def savepoint(self) -> Iterator[None]:
         self.db.execute("SAVEPOINT op")
