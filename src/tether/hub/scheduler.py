@@ -397,15 +397,14 @@ class Scheduler:
             for r, run_id in zip(requests, new_run_ids(len(requests)), strict=True)
         ]
         # Runs a runner can take at once are dispatched while their insert is being written:
-        # the step runs while the API answer waits for the commit; their running marks follow
-        # (see MARK_DELAY). (Should the commit fail, or the hub die first, the producer was
-        # never told the run was accepted, and its result will be refused: a run that was not
-        # accepted may still have run once.)
+        # the step runs while the API answer waits for the commit, and they are marked running
+        # in that commit, so a hub that dies after answering knows they went out. (Should the
+        # commit fail, or the hub die first, the producer was never told the run was accepted,
+        # and its result will be refused: a run that was not accepted may still have run once.)
         starts = self._claim_new(new, now)
         marks = [(run.id, run.attempt, session.runner_id, now) for session, run in starts]
-        # Marked running in the insert's own commit: a hub that dies after answering still
-        # knows they were dispatched. A run with an idempotency key may be found instead of
-        # inserted: it is read after the marks still in memory are written.
+        # A run with an idempotency key may be found instead of inserted: it is read after the
+        # marks still in memory are written.
         keyed = any(run.idempotency_key is not None for run in new)
         insert = (self._store if keyed else self.storage.submit)(
             _insert_runs, self.store, new, marks
