@@ -18,8 +18,9 @@ dead (``tether_runners_lost_total``). The hub's idle CPU with no runner is shown
 **Dispatch from a large store.** A SQLite store is filled with ``--finished`` succeeded runs and
 ``--queued`` queued ones (written straight into the hub's schema), and a hub started on it
 (its start-up, recovery included, is shown). Four light runners with 32 slots each answer every
-dispatch at once, so what limits the rate is the hub: every dispatch marked running and every
-result stored, in the store, before it is acknowledged. The queue is drained in ``--rounds``
+dispatch at once, so what limits the rate is the hub: every run marked running (with its
+result, when that comes within the hub's MARK_DELAY) and every result stored before it is
+acknowledged. The queue is drained in ``--rounds``
 + 1 equal chunks, the first one a warm-up; each figure is one chunk's runs divided by the time
 it took, by the runs' own ``finished_at`` in the store (the hub's clock when it took up their
 results). The same is measured against an empty
