@@ -402,6 +402,15 @@ class Scheduler:
         # commit fail, or the hub die first, the producer was never told the run was accepted,
         # and its result will be refused: a run that was not accepted may still have run once.)
         starts = self._claim_new(new, now)
+        if watch is not None:
+            loop = asyncio.get_running_loop()
+            for _, run in starts:
+                watch[run.id] = waiter = loop.create_future()
+                self._waiters.setdefault(run.id, set()).add(waiter)
+        if starts:
+            # Before the insert is queued, which wakes the store thread: the runner gets the
+            # dispatch first. Whatever the dispatch leads to is queued for the store later.
+            self._send_dispatches(starts, now, log_running=False)  # logged once stored
         marks = [(run.id, run.attempt, session.runner_id, now) for session, run in starts]
         # A run with an idempotency key may be found instead of inserted: it is read after the
         # marks still in memory are written.
@@ -409,13 +418,6 @@ class Scheduler:
         insert = (self._store if keyed else self.storage.submit)(
             _insert_runs, self.store, new, marks
         )
-        if watch is not None:
-            loop = asyncio.get_running_loop()
-            for _, run in starts:
-                watch[run.id] = waiter = loop.create_future()
-                self._waiters.setdefault(run.id, set()).add(waiter)
-        if starts:
-            self._send_dispatches(starts, now, log_running=False)  # logged once stored
         try:
             stored = await insert
         except BaseException:
@@ -861,11 +863,21 @@ class Scheduler:
         success hears of it now) and have them recorded. The outcomes that arrive in one turn
         of the event loop, in one frame or in several read together, are recorded by one task
         that starts on the next turn: the successes in one store operation, each failure or
-        retry in its own, and all of them acknowledged in one message."""
+        retry in its own, and all of them acknowledged in one message. (It is started after the
+        waiters are told, so that their answers go out before the store thread is woken.)"""
         reported = self._reported.get(session)
         if reported is None:
             self._reported[session] = reported = _Reported(now=time.time())
-            self._spawn(self._record(session))
+            try:
+                self._settle_all(session, reported, outcomes)
+            finally:
+                self._spawn(self._record(session))
+        else:
+            self._settle_all(session, reported, outcomes)
+
+    def _settle_all(
+        self, session: Session, reported: _Reported, outcomes: Sequence[Outcome]
+    ) -> None:
         now = reported.now
         for outcome in outcomes:
             ref = RunRef(run_id=outcome.run_id, attempt=outcome.attempt)

@@ -706,8 +706,10 @@ class HubLink:
         else with the outcomes of those that end within RESULT_HOLD."""
         self.outbox.add(outcome)
         self._unsent.append(outcome)
-        others = self._executing > 1  # this step still counts
-        self._send_soon(RESULT_HOLD if others and len(self._unsent) < RESULT_BATCH else 0.0)
+        if self._executing > 1 and len(self._unsent) < RESULT_BATCH:  # this step counts
+            self._send_soon(RESULT_HOLD)
+        else:
+            self._send_now()
 
     def _send_soon(self, delay: float) -> None:
         """Send what waits within ``delay`` seconds (sooner if it was due sooner already)."""
@@ -718,6 +720,11 @@ class HubLink:
                 return
             self._sending.cancel()
         self._sending = loop.call_at(due, self._send_waiting)
+
+    def _send_now(self) -> None:
+        if self._sending is not None:
+            self._sending.cancel()
+        self._send_waiting()
 
     def _send_waiting(self) -> None:
         """Acknowledgements and outcomes, in one write."""
