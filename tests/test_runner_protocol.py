@@ -119,17 +119,25 @@ async def scripted_hub_and_runner(tmp_path: Path, *args: str) -> AsyncIterator[S
 async def test_a_dispatch_of_several_runs_is_acked_once_and_a_run_it_cannot_take_is_rejected(
     tmp_path: Path,
 ) -> None:
-    async with scripted_hub_and_runner(tmp_path) as hub:
+    # Steps that wait to be released: their outcomes cannot stand in for the ack (an outcome
+    # leaving in the same write as its run's ack replaces it).
+    release = [tmp_path / "release1", tmp_path / "release3"]
+    started = [tmp_path / "started1", tmp_path / "started3"]
+    async with scripted_hub_and_runner(tmp_path, "--slots", "2") as hub:
         runs = (
-            Assignment(run_id="r1", attempt=1, function="apps.jobs.add", args=[2, 3], kwargs={}),
+            Assignment(run_id="r1", attempt=1, function="apps.jobs.wait_for",
+                       args=[str(release[0]), str(started[0])], kwargs={}),
             Assignment(run_id="r2", attempt=1, function="apps.jobs.nowhere", args=[], kwargs={}),
-            Assignment(run_id="r3", attempt=4, function="apps.jobs.add", args=[1], kwargs={"y": 1}),
-        )
+            Assignment(run_id="r3", attempt=4, function="apps.jobs.wait_for",
+                       args=[str(release[1]), str(started[1])], kwargs={}),
+        )  # fmt: skip
         await hub.send(Dispatch(runs=runs, lease_ms=30_000))
         first = await hub.until(2)
         assert RejectDispatch(run_id="r2", attempt=1, reason="unknown_function") in first
         assert Ack(runs=(RunRef(run_id="r1", attempt=1), RunRef(run_id="r3", attempt=4))) in first
-        assert await hub.outcomes(2) == {("r1", 1, True, 5), ("r3", 4, True, 2)}
+        for path in release:
+            path.write_text("go")
+        assert await hub.outcomes(2) == {("r1", 1, True, "released"), ("r3", 4, True, "released")}
         # Acknowledged, an outcome is forgotten; the other is kept, and sent again (alone)
         # once the runner has reconnected.
         await hub.send(ResultAck(runs=(RunRef(run_id="r1", attempt=1),)))
@@ -140,7 +148,7 @@ async def test_a_dispatch_of_several_runs_is_acked_once_and_a_run_it_cannot_take
         assert hello.unacked == (RunRef(run_id="r3", attempt=4),)
         [again] = (await hub.until(before + 1))[before:]
         assert isinstance(again, Result)
-        assert [(o.run_id, o.value) for o in again.outcomes] == [("r3", 2)]
+        assert [(o.run_id, o.value) for o in again.outcomes] == [("r3", "released")]
 
 
 async def test_acks_and_outcomes_held_for_company_still_leave_while_a_step_runs(

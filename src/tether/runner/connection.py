@@ -91,7 +91,8 @@ MAX_HOLD_PER_SLOT = 32
 # An outcome that finishes while other steps still run waits this long for theirs, so that
 # they share one result message (under load one per run cost the runner and the hub a frame
 # each); the last step running sends at once. Acknowledgements of dispatches (which the hub
-# does not wait for) leave with the next outcomes, or after ACK_HOLD.
+# does not wait for) leave with the next outcomes, or after ACK_HOLD; a run whose outcome
+# leaves in the same write is not acknowledged at all.
 RESULT_HOLD = 0.0005
 ACK_HOLD = 0.002
 RESULT_BATCH = 64  # outcomes waiting that are sent at once
@@ -734,6 +735,9 @@ class HubLink:
         sock, conn = self._sock, self._conn
         if sock is None or conn is None:
             return  # outcomes go from the outbox on reconnect; acks no longer matter
+        if unacked and unsent:  # an outcome says its dispatch arrived: no ack for it
+            done = {outcome.run_id for outcome in unsent}
+            unacked = [ref for ref in unacked if ref.run_id not in done]
         frames = [encode(Ack(runs=tuple(unacked)))] if unacked else []
         sock.send_all(frames + _result_frames(conn, unsent))
 
