@@ -407,17 +407,20 @@ class Scheduler:
             for _, run in starts:
                 watch[run.id] = waiter = loop.create_future()
                 self._waiters.setdefault(run.id, set()).add(waiter)
-        if starts:
-            # Before the insert is queued, which wakes the store thread: the runner gets the
-            # dispatch first. Whatever the dispatch leads to is queued for the store later.
-            self._send_dispatches(starts, now, log_running=False)  # logged once stored
-        marks = [(run.id, run.attempt, session.runner_id, now) for session, run in starts]
-        # A run with an idempotency key may be found instead of inserted: it is read after the
-        # marks still in memory are written.
-        keyed = any(run.idempotency_key is not None for run in new)
-        insert = (self._store if keyed else self.storage.submit)(
-            _insert_runs, self.store, new, marks
-        )
+        try:
+            if starts:
+                # Before the insert is queued, which wakes the store thread: the runner gets
+                # the dispatch first. Whatever the dispatch leads to is queued for the store
+                # later (it takes another turn of the loop).
+                self._send_dispatches(starts, now, log_running=False)  # logged once stored
+        finally:
+            marks = [(run.id, run.attempt, session.runner_id, now) for session, run in starts]
+            # A run with an idempotency key may be found instead of inserted: it is read after
+            # the marks still in memory are written.
+            keyed = any(run.idempotency_key is not None for run in new)
+            insert = (self._store if keyed else self.storage.submit)(
+                _insert_runs, self.store, new, marks
+            )
         try:
             stored = await insert
         except BaseException:

@@ -725,7 +725,10 @@ class HubLink:
     def _send_now(self) -> None:
         if self._sending is not None:
             self._sending.cancel()
-        self._send_waiting()
+        try:
+            self._send_waiting()
+        except Exception:  # our bug; the outcomes stay in the outbox, sent on reconnecting
+            log.exception("failed to send outcomes to the hub")
 
     def _send_waiting(self) -> None:
         """Acknowledgements and outcomes, in one write."""
@@ -736,8 +739,8 @@ class HubLink:
         if sock is None or conn is None:
             return  # outcomes go from the outbox on reconnect; acks no longer matter
         if unacked and unsent:  # an outcome says its dispatch arrived: no ack for it
-            done = {outcome.run_id for outcome in unsent}
-            unacked = [ref for ref in unacked if ref.run_id not in done]
+            done = {(outcome.run_id, outcome.attempt) for outcome in unsent}
+            unacked = [ref for ref in unacked if (ref.run_id, ref.attempt) not in done]
         frames = [encode(Ack(runs=tuple(unacked)))] if unacked else []
         sock.send_all(frames + _result_frames(conn, unsent))
 
