@@ -54,7 +54,7 @@ from ..protocol import (
     encode_split,
 )
 from .metrics import HubMetrics
-from .storage import StoreThread
+from .storage import StoreThread, as_store_error
 from .store import NewRun, RunRecord, RunState, Store, new_run_ids
 
 __all__ = ["MAX_HOLD_PER_SLOT", "HubTimings", "Scheduler", "Session", "SubmitRequest"]
@@ -1136,7 +1136,7 @@ def _succeed_many(
         if not store.in_transaction():  # the database gave up the whole transaction
             raise
         store.mark_running_many(marks)
-        return exc if isinstance(exc, StoreError) else StoreError(f"{type(exc).__name__}: {exc}")
+        return as_store_error(exc)
     return {run_id: store.get(run_id) for run_id in read}
 
 

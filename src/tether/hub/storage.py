@@ -24,7 +24,7 @@ from typing import Any
 from ..exceptions import StoreError
 from .store import Store
 
-__all__ = ["StoreThread"]
+__all__ = ["StoreThread", "as_store_error"]
 
 log = logging.getLogger("tether.hub.store")
 
@@ -94,10 +94,10 @@ class StoreThread:
                 results = self._commit(batch, isolated=True)
             except Exception as exc:
                 log.error("store commit failed for %d operations: %s", len(batch), exc)
-                results = [(False, _as_store_error(exc))] * len(batch)
+                results = [(False, as_store_error(exc))] * len(batch)
         except Exception as exc:
             log.error("store commit failed for %d operations: %s", len(batch), exc)
-            results = [(False, _as_store_error(exc))] * len(batch)
+            results = [(False, as_store_error(exc))] * len(batch)
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
         for (_, _, future, loop), (ok, value) in zip(batch, results, strict=True):
             by_loop.setdefault(loop, []).append((future, ok, value))
@@ -125,7 +125,7 @@ class StoreThread:
                     with self.store.savepoint():
                         results.append((True, fn(*args)))
                 except Exception as exc:  # one bad operation must not undo the batch
-                    results.append((False, _as_store_error(exc)))
+                    results.append((False, as_store_error(exc)))
         self.commits += 1
         return results
 
@@ -134,7 +134,8 @@ class _OperationFailed(Exception):
     """An operation of a batch run without savepoints raised: run the batch again, isolated."""
 
 
-def _as_store_error(exc: Exception) -> Exception:
+def as_store_error(exc: Exception) -> StoreError:
+    """``exc`` as the StoreError the hub reports (a StoreError already stays itself)."""
     if isinstance(exc, StoreError):
         return exc
     return StoreError(f"{type(exc).__name__}: {exc}")
