@@ -75,7 +75,6 @@ _INSERT = (
     "INSERT INTO runs (id, function, queue, args, kwargs, state, created_at, not_before,"
     " idempotency_key) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?)"
 )
-# A run's attempt starts (again): only a queued or running run, never a finished one.
 # An outcome without an error (a success, or a failure the hub records without one).
 _FINISH = (
     "UPDATE runs SET state = ?, finished_at = ?, result = ?, error = NULL"
@@ -88,6 +87,7 @@ _START_AND_SUCCEED = (
     " attempt = ?, runner_id = ?, started_at = COALESCE(started_at, ?)"
     " WHERE id = ? AND attempt <= ? AND state IN ('running', 'queued')"
 )
+# A run's attempt starts (again): only a queued or running run, never a finished one.
 _MARK_RUNNING = (
     "UPDATE runs SET state = 'running', attempt = ?, runner_id = ?,"
     " started_at = COALESCE(started_at, ?) WHERE id = ? AND state IN ('queued', 'running')"
