@@ -505,8 +505,7 @@ class HubLink:
         kept = [_within(outcome, self._limit) for outcome in self.outbox.pending()]
         for outcome in kept:
             self.outbox.add(outcome)  # in place: the outbox keeps its order
-        for frame in _result_frames(conn, kept):
-            sock.send(frame)
+        sock.send_all(_result_frames(conn, kept))
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._heartbeats, sock, conn, tg.cancel_scope)
             tg.start_soon(self._extensions, sock, event)
