@@ -793,12 +793,11 @@ class AsyncClient(BaseClient):
                 # each on its own, so that each caller gets its own answer.
                 await asyncio.gather(*(self._submit_alone(body, future) for body, future in runs))
                 return
-            except Exception as exc:  # the hub is unreachable, for instance
+            except BaseException as exc:  # the hub is unreachable, for instance
                 _fail_all(runs, exc)
+                if not isinstance(exc, Exception):
+                    raise
                 return
-            except BaseException as exc:
-                _fail_all(runs, exc)
-                raise
             for (_, future), run_id in zip(runs, answer["ids"], strict=True):
                 if not future.done():
                     future.set_result(run_id)
